@@ -1,0 +1,34 @@
+"""The contract between an exported model file and the runtime: tensor names and metadata keys.
+
+The exporter (export/) writes these; the runtime (fundus_sdk.model) reads them. A model file is
+one ONNX graph: input `image`, uint8 (batch, size, size, 3) RGB as produced by
+`fundus_sdk.preprocess.Preprocess`; output `embedding`, float32 (batch, dim), unit L2 norm.
+Every metadata value is a string (ONNX metadata_props); structured values are JSON.
+"""
+
+FORMAT_VERSION = "1"
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "embedding"
+
+# metadata_props keys
+FORMAT = "fundus_sdk.format"  # FORMAT_VERSION
+NAME = "model.name"  # e.g. "fundus-mirror-lite0"
+VERSION = "model.version"  # e.g. "0.1.0"
+DIM = "model.dim"  # descriptor dimension, e.g. "256"
+FINGERPRINT = "model.fingerprint"  # sha256 hex of the graph's weights (initializers), see export
+PRECISION = "model.precision"  # "fp32" | "fp16" | "int8"
+BACKBONE = "model.backbone"  # timm name
+MIRRORING = "model.mirroring"  # "feature" | "image" | "none"
+INPUT_LAYOUT = "input.layout"  # "NHWC"
+INPUT_DTYPE = "input.dtype"  # "uint8"
+INPUT_COLOUR = "input.colour"  # "RGB"
+INPUT_SIZE = "input.size"  # e.g. "256"
+NORMALISE_MEAN = "normalise.mean"  # JSON list, applied inside the graph
+NORMALISE_STD = "normalise.std"  # JSON list, applied inside the graph
+TRAINING_DATA = "training.data"  # JSON summary of the training data
+LICENCE = "training.licence"  # licence note on the weights / training data
+METRICS = "evaluation.metrics"  # JSON: retrieval metrics on the held-out test split
+# plus the preprocessing keys of fundus_sdk.preprocess.Preprocess.to_metadata(): "preprocess.*"
+
+REQUIRED = (FORMAT, NAME, VERSION, DIM, FINGERPRINT, INPUT_SIZE)

@@ -1,0 +1,216 @@
+"""A retrieval model: one ONNX file, run with ONNX Runtime, preprocessing rebuilt from its metadata."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract
+from .errors import ImageError, ModelError, ProviderError
+from .preprocess import ImageInput, Preprocess
+
+DEFAULT_MODEL = "default.onnx"
+OnError = Union[str, Callable[[ImageError], None]]
+
+
+def default_model_path() -> Path:
+    """Path of the model bundled with the package."""
+    return Path(str(resources.files("fundus_sdk") / "models" / DEFAULT_MODEL))
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """ONNX Runtime providers to ask for: CUDA first when this build has it, else the CPU.
+
+    `providers` may be None (automatic), "cpu", "cuda", or a list of ONNX Runtime provider
+    names. Asking for CUDA where this onnxruntime build has no CUDA provider is an error.
+    """
+    available = ort.get_available_providers()
+    if providers is None:
+        wanted = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+        return wanted + ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    aliases = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+    names = [aliases.get(p.lower(), p) for p in providers]
+    for name in names:
+        if name not in available:
+            hint = (
+                " Install the GPU build instead of the CPU one: pip uninstall onnxruntime && "
+                "pip install 'fundus-sdk[gpu]' (never both; see the README's GPU notes)."
+                if name == "CUDAExecutionProvider"
+                else ""
+            )
+            raise ProviderError(
+                f"{name} is not available in this onnxruntime build (available: {', '.join(available)}).{hint}"
+            )
+    return names
+
+
+@dataclass
+class Model:
+    """A loaded retrieval model. Use `load_model()` to get one."""
+
+    path: Path
+    session: ort.InferenceSession = field(repr=False)
+    metadata: dict[str, str] = field(repr=False)
+    preprocess: Preprocess = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path, providers: Sequence[str] | str | None = None) -> "Model":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        wanted = resolve_providers(providers)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                session = ort.InferenceSession(str(path), providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own, untyped, exceptions
+            raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+        if "CUDAExecutionProvider" in wanted and providers is not None and (
+            "CUDAExecutionProvider" not in session.get_providers()
+        ):
+            raise ProviderError(
+                "CUDAExecutionProvider is installed but could not start (no GPU visible, or the CUDA/cuDNN "
+                "libraries that onnxruntime-gpu needs are missing); use providers='cpu'"
+            )
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        missing = [k for k in contract.REQUIRED if k not in meta]
+        if missing:
+            raise ModelError(f"{path}: not a fundus-sdk model (metadata lacks {', '.join(missing)})")
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != ([contract.INPUT_NAME], [contract.OUTPUT_NAME]):
+            raise ModelError(f"{path}: expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r}, got {names}")
+        try:
+            preprocess = Preprocess.from_metadata(meta)
+        except (KeyError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
+        return cls(path, session, meta, preprocess)
+
+    @property
+    def dim(self) -> int:
+        return int(self.metadata[contract.DIM])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights: indexes record it and refuse vectors from other models."""
+        return self.metadata[contract.FINGERPRINT]
+
+    @property
+    def name(self) -> str:
+        return f"{self.metadata[contract.NAME]} {self.metadata[contract.VERSION]}"
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def metrics(self) -> dict:
+        """The evaluation metrics recorded in the model (empty if none)."""
+        return json.loads(self.metadata.get(contract.METRICS, "{}") or "{}")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Descriptors for a preprocessed uint8 (n, size, size, 3) batch."""
+        return self.session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
+
+    def iter_embed(
+        self, images: Iterable[ImageInput], *, batch_size: int = 16, workers: int = 2
+    ) -> Iterator[tuple[list[int], np.ndarray, list[str | None], list[ImageError]]]:
+        """Embed in batches: yields (input positions, vectors, sha256 of files or None, errors).
+
+        Decoding and preprocessing run in `workers` threads while the model runs, at most a few
+        batches ahead. Images that fail yield an ImageError instead of a vector.
+        """
+        items = list(images)
+
+        def prepare(item: ImageInput) -> tuple[np.ndarray, str | None] | ImageError:
+            try:
+                return self.preprocess.load(item)
+            except ImageError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            window = batch_size * 4
+            for start in range(0, len(items), window):
+                prepared = list(pool.map(prepare, items[start : start + window]))
+                for b in range(0, len(prepared), batch_size):
+                    chunk = prepared[b : b + batch_size]
+                    ok = [(start + b + i, r) for i, r in enumerate(chunk) if not isinstance(r, ImageError)]
+                    errors = [r for r in chunk if isinstance(r, ImageError)]
+                    vectors = (
+                        self.run(np.stack([r[0] for _, r in ok]))
+                        if ok
+                        else np.zeros((0, self.dim), np.float32)
+                    )
+                    yield [i for i, _ in ok], vectors, [r[1] for _, r in ok], errors
+
+    def embed(
+        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16, on_error: OnError = "raise"
+    ) -> np.ndarray:
+        """float32 (n, dim) unit-norm descriptors, one row per input, in input order.
+
+        on_error: "raise" (default) raises the first ImageError; "skip" leaves that row NaN and
+        warns; a callable receives each ImageError and the row stays NaN.
+        """
+        items = as_list(images)
+        out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
+        for positions, vectors, _, errors in self.iter_embed(items, batch_size=batch_size):
+            for err in errors:
+                if on_error == "raise":
+                    raise err
+                if on_error == "skip":
+                    warnings.warn(f"skipped {err}", stacklevel=2)
+                elif callable(on_error):
+                    on_error(err)
+                else:
+                    raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
+            out[positions] = vectors
+        return out
+
+
+def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """One input or a sequence of inputs, as a list (an HxWx3 array is one image, NxHxWx3 is N)."""
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Sequence) and not isinstance(images, str):
+        return list(images)
+    return [images]
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, providers: tuple[str, ...] | None) -> Model:
+    return Model.load(path, list(providers) if providers is not None else None)
+
+
+def load_model(path: str | Path | None = None, providers: Sequence[str] | str | None = None) -> Model:
+    """Load a model file (None: the bundled default). Loaded models are cached per path."""
+    key = None if providers is None else ((providers,) if isinstance(providers, str) else tuple(providers))
+    target = Path(path) if path is not None else default_model_path()
+    if path is None and not target.is_file():
+        raise ModelError(f"the bundled default model is missing from this installation ({target})")
+    return _cached(str(target.resolve()), key)
+
+
+def embed(
+    images: ImageInput | Sequence[ImageInput],
+    *,
+    model: Model | str | Path | None = None,
+    batch_size: int = 16,
+    providers: Sequence[str] | str | None = None,
+    on_error: OnError = "raise",
+) -> np.ndarray:
+    """Embed fundus images (paths, PIL images, HxWx3 uint8 arrays, or a mix) as unit-norm rows.
+
+    `model=None` uses the bundled default model. See `Model.embed` for `on_error`.
+    """
+    m = model if isinstance(model, Model) else load_model(model, providers)
+    return m.embed(images, batch_size=batch_size, on_error=on_error)

@@ -1,0 +1,241 @@
+"""Turn any fundus photograph into the square RGB array a model takes.
+
+This is the one definition of fundus preprocessing: the runtime, training and evaluation all
+call it, and an exported model records its parameters in its metadata (`Preprocess.to_metadata`)
+so the runtime rebuilds exactly the same steps (`Preprocess.from_metadata`).
+
+Steps, in order:
+1. decode with PIL (JPEGs in draft mode, so a 20-megapixel photo is decoded at reduced size),
+   apply the EXIF orientation, convert any mode (L, LA, P, RGBA, CMYK, I;16, I, F) to 8-bit RGB;
+2. crop to the bounding box of the circular field of view (the bright disc on a dark surround)
+   and stretch it to a square, as the EyePACS training photos were;
+3. resize to `size` x `size` (bicubic, antialiased);
+4. local contrast normalisation inside the field of view: subtract the local mean colour
+   (a Gaussian of `sigma` x size pixels, computed only from field-of-view pixels) and scale by
+   the image's own contrast. This removes camera colour casts, vignetting and the enhancement
+   some data sets apply, and keeps vessels and lesions: a raw clinic photo and an enhanced copy
+   of it come out alike. Outside the field of view the output is mid-grey (128).
+
+The model graph then does the rest (cast, scale, normalise, mirror views).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError, describe
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+RECIPE = "fov-stretch-lcn-v1"
+MAX_PIXELS = 150_000_000  # larger than any fundus camera; bigger files are refused as bombs
+MIN_SIDE = 32
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Preprocessing parameters; calling it maps one image input to a uint8 (size, size, 3) array."""
+
+    size: int = 256
+    lcn_sigma: float = 1 / 30
+    lcn_gain: float = 32.0
+
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        return self.load(image)[0]
+
+    def load(self, image: ImageInput) -> tuple[np.ndarray, str | None]:
+        """The preprocessed array and, for files, the sha256 of the file's bytes."""
+        pil, digest = decode(image, draft_size=2 * self.size)
+        try:
+            return self.from_pil(pil), digest
+        except Exception as exc:  # a PIL/numpy failure deep in a malformed image
+            raise ImageError(describe(image), f"cannot process image ({exc})") from exc
+
+    def from_pil(self, pil: Image.Image) -> np.ndarray:
+        """Crop, resize and normalise an already decoded RGB image."""
+        square = crop_to_fov(pil).resize((self.size, self.size), Image.BICUBIC)
+        return local_contrast_normalise(
+            np.asarray(square, dtype=np.uint8), self.lcn_sigma * self.size, self.lcn_gain
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "preprocess.recipe": RECIPE,
+            "preprocess.size": str(self.size),
+            "preprocess.lcn_sigma": repr(self.lcn_sigma),
+            "preprocess.lcn_gain": repr(self.lcn_gain),
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
+        recipe = meta.get("preprocess.recipe")
+        if recipe != RECIPE:
+            raise ValueError(f"unknown preprocessing recipe {recipe!r}; this runtime knows {RECIPE!r}")
+        return cls(
+            size=int(meta["preprocess.size"]),
+            lcn_sigma=float(meta["preprocess.lcn_sigma"]),
+            lcn_gain=float(meta["preprocess.lcn_gain"]),
+        )
+
+
+def decode(image: ImageInput, *, draft_size: int | None = None) -> tuple[Image.Image, str | None]:
+    """Decode any supported input to an RGB PIL image; files also return their sha256.
+
+    Raises ImageError naming the input for anything that is not a readable, sane image.
+    """
+    name = describe(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image), name), None
+    if isinstance(image, np.ndarray):
+        return _from_array(image, name), None
+    if not isinstance(image, (str, Path)):
+        raise ImageError(name, "expected a file path, a PIL image or an HxWx3 uint8 array")
+    try:
+        data = Path(image).read_bytes()
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageError(name, "file is empty (0 bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            pil = Image.open(io.BytesIO(data))
+            w, h = pil.size
+            if w * h > MAX_PIXELS:
+                raise ImageError(name, f"image is {w}x{h} pixels, larger than the {MAX_PIXELS:,} allowed")
+            if min(w, h) < MIN_SIDE:
+                raise ImageError(name, f"image is {w}x{h} pixels, too small to be a fundus photo")
+            if draft_size and pil.format == "JPEG":
+                pil.draft(None, (draft_size, draft_size))
+            pil = ImageOps.exif_transpose(pil)
+            pil.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(name, f"refused as a decompression bomb ({exc})") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise ImageError(name, "not an image file PIL can identify") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(name, f"corrupt or truncated image ({exc})") from exc
+    return _to_rgb(pil, name), digest
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
+        raise ImageError(name, f"arrays must be HxWx3 uint8, got shape {arr.shape} dtype {arr.dtype}")
+    if min(arr.shape[:2]) < MIN_SIDE:
+        raise ImageError(name, f"array is {arr.shape[1]}x{arr.shape[0]} pixels, too small")
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]), "RGB")
+
+
+def _to_rgb(pil: Image.Image, name: str) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency goes to black, deep images are rescaled."""
+    mode = pil.mode
+    if mode == "RGB":
+        return pil
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(pil, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    try:
+        return pil.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(name, f"cannot convert image mode {mode} to RGB") from exc
+
+
+def fov_box(pil: Image.Image) -> tuple[int, int, int, int]:
+    """Bounding box (left, top, right, bottom) of the bright field of view in `pil`.
+
+    Found on a small thumbnail: a pixel belongs to the field of view when its brightest channel
+    exceeds a threshold relative to the image's 99th percentile. If nothing sensible is found
+    (not a fundus photo, or no dark surround) the whole image is the box.
+    """
+    w, h = pil.size
+    scale = min(1.0, 256 / max(w, h))
+    thumb = np.asarray(pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
+    lum = thumb.max(axis=2).astype(np.float32)
+    threshold = max(10.0, 0.08 * float(np.percentile(lum, 99)))
+    mask = lum > threshold
+    rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
+    cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
+    if rows.size == 0 or cols.size == 0:
+        return 0, 0, w, h
+    top, bottom = rows[0] / scale, (rows[-1] + 1) / scale
+    left, right = cols[0] / scale, (cols[-1] + 1) / scale
+    if (bottom - top) * (right - left) < 0.1 * w * h:
+        return 0, 0, w, h
+    return (max(0, int(left)), max(0, int(top)), min(w, int(round(right))), min(h, int(round(bottom))))
+
+
+def crop_to_fov(pil: Image.Image) -> Image.Image:
+    """Crop to the field of view's bounding box (the caller then stretches it to a square)."""
+    box = fov_box(pil)
+    return pil if box == (0, 0, *pil.size) else pil.crop(box)
+
+
+def _box_sum(a: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """Moving sum over a window of 2*radius+1 along `axis`, zero outside the array."""
+    n = a.shape[axis]
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (radius + 1, radius)
+    c = np.cumsum(np.pad(a, pad), axis=axis)
+    hi = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis)
+    lo = np.take(c, np.arange(0, n), axis=axis)
+    return hi - lo
+
+
+def _gaussian_sum(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Unnormalised Gaussian-like blur over the first two axes (three box passes per axis)."""
+    radius = max(1, int(round((np.sqrt(4 * sigma * sigma + 1) - 1) / 2)))
+    for axis in (0, 1):
+        for _ in range(3):
+            a = _box_sum(a, radius, axis)
+    return a
+
+
+def fov_mask(rgb: np.ndarray) -> np.ndarray:
+    """Boolean mask of the field of view in a square uint8 image, eroded by ~1% of its side."""
+    lum = rgb.max(axis=2).astype(np.float32)
+    mask = (lum > max(10.0, 0.08 * float(np.percentile(lum, 99)))).astype(np.float32)
+    r = max(1, rgb.shape[0] // 100)
+    inside = _box_sum(_box_sum(mask, r, 0), r, 1)
+    return inside >= (2 * r + 1) ** 2 - 0.5
+
+
+def local_contrast_normalise(rgb: np.ndarray, sigma: float, gain: float) -> np.ndarray:
+    """Subtract the field-of-view-only local mean colour and rescale by the image's contrast."""
+    a = rgb.astype(np.float32)
+    mask = fov_mask(rgb)
+    m = mask.astype(np.float32)
+    blurred = _gaussian_sum(np.concatenate([a * m[:, :, None], m[:, :, None]], axis=2), sigma)
+    local_mean = blurred[:, :, :3] / np.maximum(blurred[:, :, 3:], 1e-6)
+    detail = (a - local_mean) * m[:, :, None]
+    n = max(1.0, float(m.sum()) * 3)
+    scale = float(np.sqrt((detail**2).sum() / n))
+    out = 128.0 + detail * (gain / max(scale, 1.0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, streamed: the content hash an index records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

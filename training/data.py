@@ -1,0 +1,141 @@
+"""Labelled fundus data: reading label files and folders, patient-grouped splits, augmentation,
+class-balanced sampling."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from fundus_sdk import labels
+from fundus_sdk.files import IMAGE_SUFFIXES
+from fundus_sdk.labels import GRADES, LabelError
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    grade: int
+    patient: str
+    split: str = ""
+
+
+def read_labels(csv_path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+    """Records from a label CSV (see fundus_sdk.labels): image, grade, optional patient, split.
+
+    Without a patient column each image is its own patient.
+    """
+    return [
+        Record(lab.path, lab.grade, (lab.fields.get("patient") or "").strip() or lab.image, (lab.fields.get("split") or "").strip())
+        for lab in labels.read_labels(csv_path, image_root)
+    ]
+
+
+def read_folder(root: str | Path) -> list[Record]:
+    """Records from a folder laid out as root/<grade 0-4>/<image>."""
+    root = Path(root)
+    records = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not sub.name.isdigit() or int(sub.name) not in GRADES:
+            raise LabelError(f"{sub}: sub-folders must be named by grade 0-4")
+        records += [
+            Record(p, int(sub.name), p.stem)
+            for p in sorted(sub.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    if not records:
+        raise LabelError(f"{root}: no images in grade sub-folders 0/ .. 4/")
+    return records
+
+
+def read_source(source: str | Path) -> list[Record]:
+    """A labels CSV, a data-set folder holding labels.csv, or a grade-folder tree."""
+    source = Path(source)
+    if source.is_dir() and (source / "labels.csv").is_file():
+        return read_labels(source / "labels.csv")
+    if source.is_dir():
+        return read_folder(source)
+    return read_labels(source)
+
+
+def split_by_patient(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(rest, held_out): about `fraction` of patients held out, grouped so no patient straddles."""
+    patients = sorted({r.patient for r in records})
+    random.Random(seed).shuffle(patients)
+    held = set(patients[: max(1, round(fraction * len(patients)))])
+    return [r for r in records if r.patient not in held], [r for r in records if r.patient in held]
+
+
+def train_test(records: list[Record], seed: int, test_fraction: float = 0.2) -> tuple[list[Record], list[Record]]:
+    """The file's own split column when it has one, else a patient-grouped split."""
+    if all(r.split in ("train", "test") for r in records):
+        return [r for r in records if r.split == "train"], [r for r in records if r.split == "test"]
+    return split_by_patient(records, test_fraction, seed)
+
+
+def augment(pil: Image.Image, rng: random.Random) -> Image.Image:
+    """A random, label-preserving variant of a decoded fundus photo.
+
+    Geometry: small rotation, scale and aspect changes, a horizontal flip (a flipped left eye
+    is a plausible right eye; the model's mirror views are computed from whatever it is given,
+    so no view can leak a label). Photometry, aimed at raw clinic photos: colour casts,
+    brightness, contrast, gamma, blur (lower-resolution cameras) and sensor noise.
+    """
+    w, h = pil.size
+    if rng.random() < 0.5:
+        pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+    angle = rng.uniform(-15, 15)
+    scale = rng.uniform(0.9, 1.1)
+    aspect = rng.uniform(0.92, 1.08)
+    pil = pil.rotate(angle, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+    nw, nh = round(w * scale * aspect), round(h * scale / aspect)
+    pil = pil.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    pil = pil.crop((left, top, left + w, top + h))
+    cast = np.array([rng.uniform(0.8, 1.2), rng.uniform(0.6, 1.1), rng.uniform(0.4, 1.1)])
+    a = np.asarray(pil, dtype=np.float32) / 255.0
+    a = np.clip(a * cast * rng.uniform(0.7, 1.3), 0, 1) ** rng.uniform(0.7, 1.4)
+    pil = Image.fromarray((a * 255).astype(np.uint8))
+    pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(0.7, 1.3))
+    if rng.random() < 0.3:
+        pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    if rng.random() < 0.3:
+        noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, rng.uniform(2, 6), (h, w, 3))
+        pil = Image.fromarray(np.clip(np.asarray(pil, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    return pil
+
+
+class BalancedBatches:
+    """Batches of `per_class` samples from each of `classes_per_batch` grades.
+
+    Grades are drawn uniformly (rare grades 3 and 4 are as present as grade 0); samples
+    within a grade are drawn without replacement until exhausted, then reshuffled.
+    """
+
+    def __init__(self, labels: np.ndarray, per_class: int, classes_per_batch: int, batches: int, seed: int):
+        self.labels = np.asarray(labels)
+        self.per_class = per_class
+        self.classes = sorted(int(g) for g in np.unique(self.labels))
+        self.classes_per_batch = min(classes_per_batch, len(self.classes))
+        self.batches = batches
+        self.rng = np.random.default_rng(seed)
+        self.pools = {g: [] for g in self.classes}
+
+    def _take(self, g: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < self.per_class:
+            if not self.pools[g]:
+                self.pools[g] = list(self.rng.permutation(np.flatnonzero(self.labels == g)))
+            out.append(int(self.pools[g].pop()))
+        return out
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            chosen = self.rng.choice(self.classes, size=self.classes_per_batch, replace=False)
+            yield np.array([i for g in chosen for i in self._take(int(g))])
+
+    def __len__(self) -> int:
+        return self.batches

@@ -1,0 +1,76 @@
+"""Metric-learning losses on unit descriptors: the fine triplet loss and a batch-hard baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def relevant_degree(agreement: torch.Tensor, max_degree: float = 2.0) -> torch.Tensor:
+    """Pairwise relevant degree from each image's view agreement, without labels.
+
+    w_ij = max(a_i, a_j) / min(a_i, a_j), clipped to [1, max_degree]: 1 when two images' mirrored
+    views agree equally, larger when their fine structure differs, so those positives pull harder.
+    No gradient flows through it.
+    """
+    a = agreement.detach().clamp(min=1e-3)
+    hi = torch.maximum(a[:, None], a[None, :])
+    lo = torch.minimum(a[:, None], a[None, :])
+    return (hi / lo).clamp(1.0, max_degree)
+
+
+def fine_triplet_loss(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    degree: torch.Tensor | None = None,
+    margin: float = 0.25,
+    gamma: float = 32.0,
+) -> torch.Tensor:
+    """L = log(1 + sum_p exp(-gamma w_p a_p (s_p - (1 - m))) * sum_n exp(gamma a_n (s_n - m))).
+
+    a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) are self-paced weights (no gradient);
+    `degree` (n, n) holds w_p; None means w_p = 1, the plain circle-style loss.
+    """
+    sim = emb @ emb.t()
+    pos, neg = _pair_masks(labels)
+    if not pos.any() or not neg.any():
+        return emb.sum() * 0.0
+    sp, sn = sim[pos], sim[neg]
+    ap = F.relu(1 + margin - sp).detach()
+    an = F.relu(sn + margin).detach()
+    w = degree[pos] if degree is not None else 1.0
+    logit_p = -gamma * w * ap * (sp - (1 - margin))
+    logit_n = gamma * an * (sn - margin)
+    return F.softplus(torch.logsumexp(logit_p, 0) + torch.logsumexp(logit_n, 0))
+
+
+def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """For each anchor: hardest positive and hardest negative by cosine distance, hinge at margin."""
+    dist = 1 - emb @ emb.t()
+    pos, neg = _pair_masks(labels)
+    valid = pos.any(1) & neg.any(1)
+    if not valid.any():
+        return emb.sum() * 0.0
+    hardest_pos = dist.masked_fill(~pos, -1.0).max(1).values
+    hardest_neg = dist.masked_fill(~neg, 4.0).min(1).values
+    return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+
+
+LOSSES = ("fine", "circle", "batch-hard")
+
+
+def metric_loss(name: str, emb: torch.Tensor, labels: torch.Tensor, agreement: torch.Tensor | None) -> torch.Tensor:
+    """The named loss: "fine" (degree from view agreement), "circle" (degree 1), "batch-hard"."""
+    if name == "fine":
+        return fine_triplet_loss(emb, labels, relevant_degree(agreement) if agreement is not None else None)
+    if name == "circle":
+        return fine_triplet_loss(emb, labels)
+    if name == "batch-hard":
+        return batch_hard_triplet_loss(emb, labels)
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
