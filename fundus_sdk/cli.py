@@ -23,12 +23,13 @@ from . import __version__, metrics
 from .errors import FundusError, ImageError
 from .files import find_images
 from .index import Hit, Index
-from .labels import read_labels
+from .labels import GRADES, read_labels
 from .model import Model, load_model
 
 EXIT_PARTIAL = 1
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
+GRADED = {"grade": list(GRADES)}
 
 
 def fatal(message: str) -> None:
@@ -163,7 +164,14 @@ def write_embeddings(out: Path, fmt: str, vectors: np.ndarray, paths: list[str],
 
 @main.group()
 def index() -> None:
-    """Create, fill and inspect a case index (a directory)."""
+    """Create, fill and inspect a case index (a directory).
+
+    \b
+    Example:
+      fundus-sdk index create cases/
+      fundus-sdk index add cases/ photos/ --labels grades.csv
+      fundus-sdk index info cases/
+    """
 
 
 @index.command("create")
@@ -370,9 +378,12 @@ def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
                     report_failure(err)
                 failures += len(errors)
                 for pos, vec, sha in zip(positions, vecs, digests):
-                    hits = [h for h in ix.search(vec, k=k + 1) if h.sha256 != sha][:k]
-                    ranked.append([-1 if h.grade is None else h.grade for h in hits] + [-1] * (k - len(hits)))
-                    grades.append(labels[pos].grade)
+                    # the gallery is the graded cases: ungraded ones are not ranked
+                    hits = [h for h in ix.search(vec, k=k + 1, where=GRADED) if h.sha256 != sha][:k]
+                    grade = labels[pos].grade
+                    # a gallery smaller than k: the missing ranks get a grade 4 away (no hit, zero gain)
+                    ranked.append([h.grade for h in hits] + [grade + 4] * (k - len(hits)))
+                    grades.append(grade)
                 advance(len(positions) + len(errors))
     if not grades:
         fatal("no query photo could be read")

@@ -45,8 +45,9 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     for name in names:
         if name not in available:
             hint = (
-                " Install the GPU build instead of the CPU one: pip uninstall onnxruntime && "
-                "pip install 'fundus-sdk[gpu]' (never both; see the README's GPU notes)."
+                " Install the GPU build instead of the CPU one (never both side by side): "
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+                "(see GPU in the README)."
                 if name == "CUDAExecutionProvider"
                 else ""
             )

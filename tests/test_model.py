@@ -1,0 +1,107 @@
+"""embed() and load_model() on the bundled model: a real ONNX Runtime session, real photos."""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fundus_sdk
+from fundus_sdk import contract
+from fundus_sdk.errors import ImageError, ModelError, ProviderError
+from tests.shared import RETINA, eyepacs_sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fundus_sdk.load_model()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [p for p, _ in eyepacs_sample(5)]
+
+
+def test_import_does_not_load_training_libraries():
+    code = (
+        "import sys, fundus_sdk; "
+        "bad = [m for m in ('torch', 'timm', 'torchvision', 'onnx') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_metadata_is_complete_and_consistent(model):
+    for key in contract.REQUIRED:
+        assert model.metadata[key]
+    assert len(model.fingerprint) == 64 and int(model.fingerprint, 16) >= 0
+    assert model.preprocess.size == int(model.metadata[contract.INPUT_SIZE])
+    out = model.embed(RETINA)
+    assert out.shape == (1, model.dim)
+
+
+def test_unit_norm_deterministic_and_in_order(model, photos):
+    a = fundus_sdk.embed(photos)
+    b = fundus_sdk.embed(photos[::-1])
+    assert a.dtype == np.float32 and a.shape == (5, model.dim)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b[::-1], atol=1e-6)
+    np.testing.assert_allclose(a, fundus_sdk.embed(photos), atol=0)
+    assert np.abs(a @ a.T - np.eye(5)).max() > 1e-3  # different photos, different vectors
+
+
+def test_batch_size_does_not_change_vectors(model, photos):
+    np.testing.assert_allclose(model.embed(photos, batch_size=1), model.embed(photos, batch_size=4), atol=1e-5)
+
+
+def test_paths_pil_images_and_arrays_mix(model, photos):
+    pil = Image.open(photos[1]).convert("RGB")
+    mixed = model.embed([photos[0], pil, np.asarray(pil)])
+    ref = model.embed(photos[:2])
+    np.testing.assert_allclose(mixed[0], ref[0], atol=1e-6)
+    assert mixed[1] @ ref[1] > 0.999 and mixed[2] @ ref[1] > 0.999
+
+
+def test_png_and_jpeg_of_one_photo_embed_alike(model, tmp_path):
+    photo = Image.open(RETINA).convert("RGB")
+    photo.save(tmp_path / "r.png")
+    photo.save(tmp_path / "r.jpg", quality=95)
+    photo.resize((700, 700), Image.LANCZOS).save(tmp_path / "small.jpg", quality=95)
+    v = model.embed([tmp_path / "r.png", tmp_path / "r.jpg", tmp_path / "small.jpg"])
+    assert v[0] @ v[1] >= 0.99
+    assert v[0] @ v[2] >= 0.99
+
+
+def test_bad_image_raises_or_is_skipped(model, photos, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("no")
+    with pytest.raises(ImageError, match="bad.jpg"):
+        model.embed([photos[0], bad])
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        out = model.embed([photos[0], bad, photos[1]], on_error="skip")
+    assert np.isnan(out[1]).all() and not np.isnan(out[[0, 2]]).any()
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.embed([bad, photos[0]], on_error=seen.append)
+    assert [e.source for e in seen] == [str(bad)]
+
+
+def test_missing_or_foreign_model_files(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        fundus_sdk.load_model(tmp_path / "absent.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelError, match="junk.onnx"):
+        fundus_sdk.load_model(junk)
+
+
+def test_asking_for_cuda_without_the_gpu_build_is_a_clear_error():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this environment has the GPU build")
+    with pytest.raises(ProviderError, match="onnxruntime-gpu"):
+        fundus_sdk.load_model(providers="cuda")

@@ -1,0 +1,170 @@
+"""Preprocessing of real photographs: any mode, orientation, size and surround, and bad files."""
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fundus_sdk.errors import ImageError
+from fundus_sdk.preprocess import Preprocess, decode, fov_box, local_contrast_normalise
+from tests.shared import RETINA
+
+PP = Preprocess()
+
+
+def close(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference of two preprocessed images, in grey levels."""
+    return float(np.abs(a.astype(float) - b.astype(float)).mean())
+
+
+def structure(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two preprocessed images at 1/4 resolution (insensitive to sub-pixel shifts)."""
+    def blocks(x: np.ndarray) -> np.ndarray:
+        x = x.astype(float) - 128
+        return x.reshape(64, 4, 64, 4, 3).mean(axis=(1, 3)).ravel()
+
+    u, v = blocks(a), blocks(b)
+    return float(u @ v / np.sqrt((u @ u) * (v @ v)))
+
+
+@pytest.fixture(scope="module")
+def retina() -> Image.Image:
+    return Image.open(RETINA).convert("RGB")
+
+
+def test_output_shape_type_and_grey_surround(retina):
+    out = PP(retina)
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    assert (out[0, 0] == 128).all() and (out[-1, -1] == 128).all()  # outside the field of view
+    assert out[100:150, 100:150].std() > 5  # vessels and texture survive inside it
+
+
+def test_path_pil_and_array_inputs_agree(retina):
+    from_path = PP(RETINA)  # drafted JPEG decode at half size
+    assert structure(from_path, PP(retina)) > 0.95
+    assert close(PP(np.asarray(retina)), PP(retina)) == 0.0
+
+
+def test_black_border_is_cropped_away(retina):
+    w, h = retina.size
+    padded = Image.new("RGB", (w + 600, h + 200))
+    padded.paste(retina, (400, 50))
+    left, top, right, bottom = fov_box(padded)
+    assert abs(left - 400) < 15 and abs(top - 50) < 15
+    assert abs(right - (400 + w)) < 15 and abs(bottom - (50 + h)) < 15
+    assert structure(PP(padded), PP(retina)) > 0.9
+
+
+def test_camera_colour_cast_is_normalised_away(retina):
+    cast = np.asarray(retina).astype(float) * [1.0, 0.7, 0.5]
+    a = PP(retina).astype(float) - 128
+    b = PP(cast.astype(np.uint8)).astype(float) - 128
+    corr = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
+    assert corr > 0.9
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
+def test_every_mode_becomes_rgb(tmp_path: Path, retina, mode):
+    small = retina.resize((300, 300))
+    if mode == "I;16":
+        arr = (np.asarray(small.convert("L")).astype(np.uint16) * 257)
+        img = Image.fromarray(arr)
+        path = tmp_path / "deep.png"
+    else:
+        img = small.convert(mode)
+        path = tmp_path / ("img.jpg" if mode in ("L", "CMYK") else "img.png")
+    img.save(path)
+    pil, digest = decode(path)
+    assert pil.mode == "RGB" and pil.size == (300, 300)
+    assert len(digest) == 64
+    out = PP(path)
+    assert out.shape == (256, 256, 3)
+    if mode in ("I;16", "L", "LA"):  # grey images keep their structure, scaled to 8 bits
+        assert out[60:200, 60:200].std() > 3
+
+
+def test_transparency_becomes_black(tmp_path):
+    rgba = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    rgba.save(tmp_path / "clear.png")
+    pil, _ = decode(tmp_path / "clear.png")
+    assert np.asarray(pil).max() == 0
+
+
+def test_exif_orientation_is_applied(tmp_path, retina):
+    small = retina.resize((400, 300))
+    upright = small.transpose(Image.ROTATE_90)  # what a viewer shows for orientation 6/8
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 CW to view: stored image must be rotated 90 CCW by PIL
+    small.save(tmp_path / "tagged.jpg", exif=exif, quality=95)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    tagged, _ = decode(tmp_path / "tagged.jpg")
+    assert tagged.size == upright.size == (300, 400)
+    assert structure(PP(tmp_path / "tagged.jpg"), PP(tmp_path / "upright.jpg")) > 0.95
+    assert structure(PP(tmp_path / "tagged.jpg"), PP(small)) < 0.5  # the tag really changed it
+
+
+def test_large_jpeg_is_draft_decoded_like_a_full_decode(tmp_path, retina):
+    big = retina.resize((3200, 3200), Image.BICUBIC)
+    big.save(tmp_path / "big.jpg", quality=95)
+    drafted, _ = decode(tmp_path / "big.jpg", draft_size=512)
+    assert drafted.size[0] < 3200  # decoded at reduced size
+    assert structure(PP(tmp_path / "big.jpg"), PP.from_pil(big)) > 0.95
+
+
+def png_with_size(path: Path, width: int, height: int) -> None:
+    """A tiny valid PNG whose header claims width x height (a decompression bomb)."""
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # chunk type + 13 bytes of IHDR data
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "name, make, reason",
+    [
+        ("empty.png", lambda p: p.write_bytes(b""), "empty"),
+        ("text.jpg", lambda p: p.write_text("not an image"), "not an image"),
+        ("bomb.png", lambda p: png_with_size(p, 40000, 40000), "decompression bomb"),
+        ("big-bomb.png", lambda p: png_with_size(p, 10000, 10000), "decompression bomb"),
+        ("tiny.png", lambda p: Image.new("RGB", (8, 8)).save(p), "too small"),
+        ("truncated.jpg", lambda p: p.write_bytes(RETINA.read_bytes()[:5000]), "truncated"),
+    ],
+)
+def test_bad_files_raise_one_error_naming_file_and_reason(tmp_path, name, make, reason):
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(ImageError) as info:
+        PP(path)
+    assert name in str(info.value) and reason in str(info.value)
+    assert info.value.source == str(path)
+
+
+def test_missing_file_and_wrong_types_are_image_errors(tmp_path):
+    with pytest.raises(ImageError, match="cannot read"):
+        PP(tmp_path / "absent.jpg")
+    with pytest.raises(ImageError, match="uint8"):
+        PP(np.zeros((100, 100, 3), dtype=np.float32))
+    with pytest.raises(ImageError, match="expected a file path"):
+        PP(12345)
+
+
+def test_lcn_output_is_scale_free():
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 20, (128, 128, 3)), 0, 255).astype(np.uint8)
+    dim = (img.astype(float) * 0.5).astype(np.uint8)
+    a = local_contrast_normalise(img, 8, 32).astype(float)
+    b = local_contrast_normalise(dim, 8, 32).astype(float)
+    assert np.abs(a - b).mean() < 2.5
+
+
+def test_metadata_round_trip_and_unknown_recipe():
+    pp = Preprocess(size=224, lcn_sigma=0.05, lcn_gain=20.0)
+    assert Preprocess.from_metadata(pp.to_metadata()) == pp
+    with pytest.raises(ValueError, match="recipe"):
+        Preprocess.from_metadata({**pp.to_metadata(), "preprocess.recipe": "other"})
