@@ -215,8 +215,11 @@ def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet
         npz = [p for p in paths if p.endswith(".npz")]
         if npz:
             for file in npz:
-                add_embeddings(ix, Path(file))
-        files = find_images([p for p in paths if not p.endswith(".npz")], recursive) if len(npz) < len(paths) else []
+                add_embeddings(ix, Path(file), labels)
+        photos = [p for p in paths if not p.endswith(".npz")]
+        files = find_images(photos, recursive) if photos else []
+        if photos and not files:
+            fatal(f"no images found in {', '.join(photos)}")
         failures: list[ImageError] = []
         if files:
             meta = label_metadata(files, labels)
@@ -227,11 +230,14 @@ def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet
         sys.exit(EXIT_PARTIAL)
 
 
-def add_embeddings(ix: Index, file: Path) -> None:
+def add_embeddings(ix: Index, file: Path, labels_csv: str | None = None) -> None:
+    """Add the vectors of an .npz from `embed`, with label metadata matched by their recorded paths."""
     with np.load(file) as data:
+        paths, hashes = data["paths"].tolist(), data["sha256"].tolist()
+        labels = label_metadata([Path(p) for p in paths], labels_csv)
         ix.add(
             data["vectors"],
-            [{"path": p, "sha256": s or None} for p, s in zip(data["paths"].tolist(), data["sha256"].tolist())],
+            [{**(meta or {}), "path": p, "sha256": s or None} for p, s, meta in zip(paths, hashes, labels)],
             model_fingerprint=str(data["model_fingerprint"]),
         )
 

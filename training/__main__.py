@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--cache-dir", default="runs/cache")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--stop-after", type=int, default=0, help="stop after N epochs of this invocation (then --resume)")
     args = parser.parse_args(argv)
 
     from fundus_sdk.preprocess import Preprocess
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         pretrained=not args.no_pretrained,
         limit=args.limit,
+        stop_after=args.stop_after,
         cache_dir=args.cache_dir,
         threads=args.threads,
         preprocess=asdict(Preprocess(size=args.input_size)),

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: bool = True
     limit: int = 0  # >0: use only this many images of each split (smoke tests)
+    stop_after: int = 0  # >0: stop after this many epochs of this invocation (resume later)
     cache_dir: str = "runs/cache"
     threads: int = 2
     preprocess: dict = field(default_factory=lambda: asdict(Preprocess()))
@@ -221,13 +222,13 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 2)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    start_epoch, best = 0, -1.0
+    start_epoch, best, history = 0, -1.0, []
     if resume and (out / "last.pt").exists():
         state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best_score"]
+        start_epoch, best, history = state["epoch"] + 1, state["best_score"], state["history"]
         log(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
 
     summary = {
@@ -245,6 +246,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
             "epoch": epoch,
             "validation": report,
             "best_score": best,
+            "history": history,
         }
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -271,6 +273,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         report = retrieval_report(net, clean_maps[fit_idx], fit_grades, clean_maps[val_idx], val_grades, cfg.k)
         score = selection_score(report)
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_mHR": report["micro"]["mHR"], "val_macro_mHR": report["macro"]["mHR"]})
         log(
             f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  val mHR@{cfg.k} {report['micro']['mHR']:.3f} "
             f"macro {report['macro']['mHR']:.3f}  per grade "
@@ -283,6 +286,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         state = checkpoint(epoch, report) | {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
         torch.save(state, out / "last.tmp")
         (out / "last.tmp").replace(out / "last.pt")
+        if cfg.stop_after and epoch + 1 - start_epoch >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            log(f"stopping after epoch {epoch + 1} as asked; continue with --resume")
+            log_file.close()
+            return out / "best.pt"
 
     best_state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     net.load_state_dict(best_state["model"])

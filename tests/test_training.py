@@ -1,0 +1,175 @@
+"""The training side: model, losses, offline weights, data checks and a real tiny run."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fundus_sdk.preprocess import Preprocess
+from training.data import LabelError, read_labels
+from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, relevant_degree
+from training.model import FundusNet, MirrorAttention, ModelConfig
+from training.train import TrainConfig, train
+from training.weights import WeightsUnavailable, imagenet_state_dict
+from tests.shared import FIXTURES, eyepacs_sample
+
+
+def photo_batch(n: int = 2) -> torch.Tensor:
+    pp = Preprocess()
+    return torch.from_numpy(np.stack([pp(p) for p, _ in eyepacs_sample(n)]))
+
+
+def test_mirror_attention_is_identity_at_initialisation():
+    attn = MirrorAttention(32).eval()
+    a = torch.randn(2, 32, 6, 6)
+    outs = attn(a, {"h": a.flip(3), "v": a.flip(2)})
+    assert len(outs) == 2
+    for y in outs:
+        torch.testing.assert_close(y, a)
+
+
+@pytest.mark.parametrize("mirroring", ["feature", "image", "none"])
+def test_descriptor_is_unit_norm_and_deterministic(mirroring):
+    torch.manual_seed(0)
+    net = FundusNet(ModelConfig(mirroring=mirroring, dim=64), pretrained=False).eval()
+    x = net.normalise(photo_batch(2))
+    with torch.no_grad():
+        a, b = net(x), net(x)
+    assert a.shape == (2, 64)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a[0] @ a[1]).item() < 0.9999  # two photos, two descriptors
+
+
+def clustered(labels: torch.Tensor, spread: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1)
+    emb = centres[labels] + spread * torch.randn(len(labels), 16, generator=g)
+    return torch.nn.functional.normalize(emb, dim=1)
+
+
+@pytest.mark.parametrize("name", ["fine", "circle", "batch-hard"])
+def test_losses_prefer_separated_batches_and_have_finite_gradients(name):
+    labels = torch.arange(5).repeat_interleave(4)
+    separated = clustered(labels, 0.1).requires_grad_()
+    shuffled = labels[torch.randperm(20, generator=torch.Generator().manual_seed(1))]
+    agreement = torch.linspace(0.5, 1.0, 20)
+    good = metric_loss(name, separated, labels, agreement)
+    bad = metric_loss(name, separated, shuffled, agreement)
+    assert good.item() < bad.item()
+    bad.backward()  # the shuffled batch is the one every loss must push on
+    assert torch.isfinite(separated.grad).all() and separated.grad.abs().sum() > 0
+
+
+def test_relevant_degree_weighs_pairs_whose_fine_structure_differs():
+    w = relevant_degree(torch.tensor([0.9, 0.9, 0.45]))
+    torch.testing.assert_close(w, w.t())
+    assert w[0, 1].item() == pytest.approx(1.0)
+    assert w[0, 2].item() == pytest.approx(2.0)
+    labels = torch.zeros(3, dtype=torch.long)
+    emb = clustered(torch.tensor([0, 0, 1]), 0.5)
+    two = torch.cat([labels, labels + 1])
+    both = torch.cat([emb, emb])
+    assert fine_triplet_loss(both, two, relevant_degree(torch.tensor([0.9, 0.9, 0.45] * 2))).item() != pytest.approx(
+        fine_triplet_loss(both, two).item()
+    )
+    assert batch_hard_triplet_loss(both, two).item() >= 0
+
+
+def test_imagenet_weights_load_offline_and_see_a_cat():
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(imagenet_state_dict("tf_efficientnet_lite0"))
+    net.eval()
+    cat = np.asarray(Image.open(FIXTURES / "chelsea.jpg").convert("RGB").resize((224, 224)))
+    x = (torch.from_numpy(cat).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        top = net(x).argmax(1).item()
+    assert 281 <= top <= 285  # the ImageNet cat classes (tabby, tiger cat, Persian, Siamese, Egyptian)
+
+
+def test_unknown_backbone_weights_are_a_clear_error():
+    with pytest.raises(WeightsUnavailable, match="no offline ImageNet weights"):
+        imagenet_state_dict("resnet50")
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    "rows, fields, message",
+    [
+        ([{"image": "x.jpg"}], ["image"], "missing column"),
+        ([{"image": "nowhere.jpg", "grade": 1}], ["image", "grade"], "row 2 .*not found"),
+        ([{"image": "PHOTO", "grade": 7}], ["image", "grade"], "row 2 .*outside 0-4"),
+        ([{"image": "PHOTO", "grade": "two"}], ["image", "grade"], "not a whole number"),
+    ],
+)
+def test_bad_label_files_fail_at_once_naming_the_row(tmp_path, rows, fields, message):
+    photo = str(eyepacs_sample(1)[0][0])
+    rows = [{k: (photo if v == "PHOTO" else v) for k, v in r.items()} for r in rows]
+    with pytest.raises(LabelError, match=message):
+        read_labels(write_csv(tmp_path / "labels.csv", rows, fields))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """64 shared photos (balanced-ish, patient ids kept) plus one unreadable file, as a CSV."""
+    root = tmp_path_factory.mktemp("tiny")
+    sample = eyepacs_sample(8, split="train", per_grade=True) + eyepacs_sample(6, split="test", per_grade=True)
+    rows = [{"image": str(p), "grade": g, "patient": p.name.split("_")[0], "split": "train"} for p, g in sample[:40]]
+    rows += [{"image": str(p), "grade": g, "patient": p.name.split("_")[0], "split": "test"} for p, g in sample[40:]]
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.append({"image": str(root / "broken.jpg"), "grade": 0, "patient": "broken", "split": "train"})
+    return write_csv(root / "labels.csv", rows, ["image", "grade", "patient", "split"])
+
+
+def tiny_config(data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
+    return TrainConfig(
+        data=str(data), out=str(out), epochs=3, aug_views=1, per_class=4, batches_per_epoch=6,
+        lr=3e-3, val_fraction=0.2, cache_dir=str(cache), seed=3, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tiny_data, root / "a", root / "cache")
+    best = train(cfg, ModelConfig(dim=64))
+    return cfg, best
+
+
+def test_tiny_training_run_lowers_the_loss_and_saves_a_full_checkpoint(tiny_run):
+    cfg, best = tiny_run
+    last = torch.load(Path(cfg.out) / "last.pt", weights_only=True)
+    losses = [h["loss"] for h in last["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt["model_config"]["dim"] == 64 and ckpt["model_config"]["backbone"] == "tf_efficientnet_lite0"
+    assert ckpt["train_config"]["seed"] == 3 and ckpt["train_config"]["preprocess"]["size"] == 256
+    assert ckpt["data"]["train"]["images"] + ckpt["data"]["validation"]["images"] == 40  # broken one skipped
+    assert 0 <= ckpt["test"]["micro"]["mHR"] <= 1 and set(ckpt["test"]["per_grade"]["mHR"]) == {0, 1, 2, 3, 4}
+    log = (Path(cfg.out) / "log.txt").read_text()
+    assert "skipped unreadable image" in log and "broken.jpg" in log
+
+
+def test_interrupted_and_resumed_run_repeats_the_same_seeded_run(tiny_run, tiny_data, tmp_path):
+    cfg, _ = tiny_run
+    reference = [h["loss"] for h in torch.load(Path(cfg.out) / "last.pt", weights_only=True)["history"]]
+    again = tiny_config(tiny_data, tmp_path / "b", Path(cfg.cache_dir), stop_after=2)
+    train(again, ModelConfig(dim=64))
+    halfway = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert halfway["epoch"] == 1 and "test" not in torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    train(tiny_config(tiny_data, tmp_path / "b", Path(cfg.cache_dir)), ModelConfig(dim=64), resume=True)
+    resumed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and "resumed from" in (tmp_path / "b" / "log.txt").read_text()
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx(reference, rel=1e-4)
