@@ -1,0 +1,92 @@
+"""The metadata an exported file carries (keys: fundus_sdk/contract.py) and its weight fingerprint.
+
+The runtime reads these with onnxruntime (`get_modelmeta().custom_metadata_map`); this module
+only writes them, and reads them back for reports and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from fundus_sdk import contract
+from training.weights import OFFLINE_WEIGHTS
+
+from .checkpoint import Checkpoint
+
+EYEPACS_TERMS = (
+    "Trained on EyePACS fundus photographs (Kaggle 2015 Diabetic Retinopathy Detection), "
+    "used under the Kaggle competition rules: non-commercial research and education only."
+)
+
+
+def fingerprint(model: onnx.ModelProto) -> str:
+    """sha256 hex over the graph's initializers, sorted by name.
+
+    Each initializer contributes JSON [name, ONNX data type, dims], a newline, the byte length
+    (8 bytes, little-endian) and its values as little-endian bytes, whatever field they are
+    stored in. Any change of weights, precision or quantisation changes the fingerprint.
+    """
+    h = hashlib.sha256()
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+        h.update(json.dumps([t.name, t.data_type, list(t.dims)]).encode() + b"\n")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def licence_note(ckpt: Checkpoint) -> str:
+    """Where the weights come from and under which terms, from the checkpoint's records."""
+    source = str((ckpt.state.get("data") or {}).get("source") or ckpt.train_config.get("data") or "")
+    if "eyepacs" in source.lower():
+        note = EYEPACS_TERMS
+    else:
+        note = f"Trained on {source or 'unrecorded data'}; the weights carry that data's licence terms."
+    if ckpt.train_config.get("pretrained", True) and ckpt.config.backbone in OFFLINE_WEIGHTS:
+        package = OFFLINE_WEIGHTS[ckpt.config.backbone][0]
+        note += (
+            f" Backbone initialised from the Apache-2.0 ImageNet weights of {ckpt.config.backbone}"
+            f" (PyPI {package})."
+        )
+    return note
+
+
+def build_metadata(ckpt: Checkpoint, *, name: str, version: str, precision: str) -> dict[str, str]:
+    """All contract keys except the fingerprint, which depends on the final graph."""
+    cfg = ckpt.config
+    return {
+        contract.FORMAT: contract.FORMAT_VERSION,
+        contract.NAME: name,
+        contract.VERSION: version,
+        contract.DIM: str(cfg.dim),
+        contract.PRECISION: precision,
+        contract.BACKBONE: cfg.backbone,
+        contract.MIRRORING: cfg.mirroring,
+        contract.INPUT_LAYOUT: "NHWC",
+        contract.INPUT_DTYPE: "uint8",
+        contract.INPUT_COLOUR: "RGB",
+        contract.INPUT_SIZE: str(cfg.input_size),
+        contract.NORMALISE_MEAN: json.dumps(list(cfg.mean)),
+        contract.NORMALISE_STD: json.dumps(list(cfg.std)),
+        **ckpt.preprocess.to_metadata(),
+        contract.TRAINING_DATA: json.dumps(ckpt.state.get("data") or {}, sort_keys=True),
+        contract.LICENCE: licence_note(ckpt),
+        contract.METRICS: json.dumps(ckpt.state.get("test") or {}, sort_keys=True),
+    }
+
+
+def write_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    """Replace the model's metadata_props with `meta`."""
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, meta)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata_props of an ONNX file, as a dict."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
