@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fundus_sdk.labels import LabelError, read_labels
+
 from .checkpoint import ExportError
 from .verify import DEFAULT_IMAGES, compare_variants, format_reports, sample_files
 
-EXAMPLE = """example:
-  python -m export.compare models/m.onnx models/m-fp16.onnx models/m-int8.onnx --limit 64"""
+EXAMPLE = """examples:
+  python -m export.compare models/m.onnx models/m-fp16.onnx models/m-int8.onnx --limit 64
+  python -m export.compare m.onnx m-int8.onnx --labels ../shared/data/eyepacs256/labels.csv"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=64, help="photographs used, spread over the folder (default 64)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("-k", type=int, default=10, help="neighbours for the k-NN agreement (default 10)")
+    p.add_argument(
+        "--labels",
+        help="label CSV with a split column: use all its photos and add retrieval metrics of the "
+        "test split (queries) against the train split (gallery); --images/--limit are then ignored",
+    )
     args = p.parse_args(argv)
     try:
-        files = sample_files(args.images, args.limit)
-        reports = compare_variants(args.models, files, k=args.k, threads=args.threads)
-    except (ExportError, OSError, ValueError) as exc:
+        grades = is_query = None
+        if args.labels:
+            rows = read_labels(args.labels)
+            files = [r.path for r in rows]
+            grades = [r.grade for r in rows]
+            is_query = [r.fields.get("split") == "test" for r in rows]
+            if not any(is_query) or all(is_query):
+                raise ValueError(f"{args.labels}: needs a split column with both train and test rows")
+        else:
+            files = sample_files(args.images, args.limit)
+        reports = compare_variants(args.models, files, k=args.k, threads=args.threads, grades=grades, is_query=is_query)
+    except (ExportError, LabelError, OSError, ValueError) as exc:
         print(f"export.compare: error: {exc}", file=sys.stderr)
         return 2
     print(f"{len(files)} photographs from {args.images}; cosine and k-NN@{args.k} agreement vs {reports[0].path.name}")

@@ -201,4 +201,7 @@ def format_reports(reports: Sequence[VariantReport]) -> str:
             f"{r.path.name:<32} {r.precision:>9} {r.size_bytes / 1e6:>7.2f} {r.ms_per_image:>7.1f} "
             f"{r.cosine_mean:>9.5f} {r.cosine_min:>9.5f} {r.knn_agreement:>9.3f}"
         )
+    for r in reports:
+        if r.retrieval is not None:
+            lines += ["", f"retrieval, {r.path.name} ({r.precision}): test split against train split", metrics.format_report(r.retrieval)]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import Index, load_model
-from shared import eyepacs_rows, eyepacs_sample, require_eyepacs
+from tests.shared import eyepacs_rows, eyepacs_sample, require_eyepacs
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 BAD_FILES = {  # file name -> words its stderr line must contain

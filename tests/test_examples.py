@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fundus_sdk
-from shared import EYEPACS, REPO, eyepacs_rows, eyepacs_sample, require_eyepacs
+from tests.shared import EYEPACS, REPO, eyepacs_rows, eyepacs_sample, require_eyepacs
 
 EXAMPLES = REPO / "examples"
 BIN = Path(sys.executable).parent  # where this environment's `fundus-sdk` script lives

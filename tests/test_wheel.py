@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fundus_sdk
-from shared import REPO, eyepacs_sample, require_eyepacs
+from tests.shared import REPO, eyepacs_sample, require_eyepacs
 
 pytestmark = pytest.mark.slow
 

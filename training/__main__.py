@@ -4,9 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
+from .ablate import VARIANTS
 from .losses import LOSSES
 from .model import MIRRORING, ModelConfig
+
+
+def add_common(p: argparse.ArgumentParser, out: str) -> None:
+    """Options shared by `train` and `ablate`: data, model shape, schedule, resources."""
+    p.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
+    p.add_argument("--out", default=out, help="output folder (logs, checkpoints)")
+    p.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
+    p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
+    p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
+    p.add_argument("--input-size", type=int, default=ModelConfig.input_size)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grade classifier (0: off)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--aug-views", type=int, default=3, help="augmented views cached per training image")
+    p.add_argument("--per-class", type=int, default=12, help="images per grade in a batch")
+    p.add_argument("--batches-per-epoch", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr", type=float, default=3e-4)
+    p.add_argument("--data-seed", type=int, default=0, help="validation split and augmentation pool")
+    p.add_argument("--limit", type=int, default=0, help="use only N images per split (smoke runs)")
+    p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--cache-dir", default="runs/cache")
+    p.add_argument("--threads", type=int, default=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,39 +43,31 @@ def main(argv: list[str] | None = None) -> int:
         description="Train the mirror-attention model. Example: python -m training train "
         "--data ../shared/data/eyepacs256 --out runs/default",
     )
-    t.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
-    t.add_argument("--out", default="runs/default", help="run folder: log.txt, best.pt, last.pt")
-    t.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
-    t.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
+    add_common(t, out="runs/default")
     t.add_argument("--mirroring", choices=MIRRORING, default=ModelConfig.mirroring)
-    t.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
-    t.add_argument("--input-size", type=int, default=ModelConfig.input_size)
     t.add_argument("--loss", choices=LOSSES, default="fine")
-    t.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grade classifier (0: off)")
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--aug-views", type=int, default=3, help="augmented views cached per training image")
-    t.add_argument("--per-class", type=int, default=12, help="images per grade in a batch")
-    t.add_argument("--batches-per-epoch", type=int, default=0)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--backbone-lr", type=float, default=3e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit", type=int, default=0, help="use only N images per split (smoke runs)")
-    t.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    t.add_argument("--cache-dir", default="runs/cache")
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling, view choice")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--stop-after", type=int, default=0, help="stop after N epochs of this invocation (then --resume)")
+    a = sub.add_parser(
+        "ablate",
+        help="train and evaluate every ablation variant on one schedule",
+        description="Ablations (see training/ablate.py). Example: python -m training ablate "
+        "--data ../shared/data/eyepacs256 --out runs/ablations --epochs 4 --seeds 0 1",
+    )
+    add_common(a, out="runs/ablations")
+    a.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    a.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args(argv)
 
     from fundus_sdk.preprocess import Preprocess
-    from dataclasses import asdict
 
     from .train import TrainConfig, train
 
     model_cfg = ModelConfig(
         backbone=args.backbone,
         dim=args.dim,
-        mirroring=args.mirroring,
+        mirroring=getattr(args, "mirroring", ModelConfig.mirroring),
         frozen_blocks=args.frozen_blocks,
         input_size=args.input_size,
     )
@@ -63,17 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         batches_per_epoch=args.batches_per_epoch,
         lr=args.lr,
         backbone_lr=args.backbone_lr,
-        loss=args.loss,
+        loss=getattr(args, "loss", "fine"),
         aux_weight=args.aux_weight,
-        seed=args.seed,
+        seed=getattr(args, "seed", 0),
+        data_seed=args.data_seed,
         pretrained=not args.no_pretrained,
         limit=args.limit,
-        stop_after=args.stop_after,
+        stop_after=getattr(args, "stop_after", 0),
         cache_dir=args.cache_dir,
         threads=args.threads,
         preprocess=asdict(Preprocess(size=args.input_size)),
     )
-    train(cfg, model_cfg, resume=args.resume)
+    if args.command == "ablate":
+        from .ablate import run
+
+        run(cfg, model_cfg, Path(args.out), args.variants, args.seeds)
+        print((Path(args.out) / "ABLATIONS.md").read_text())
+    else:
+        train(cfg, model_cfg, resume=args.resume)
     return 0
 
 

@@ -32,22 +32,26 @@ def fine_triplet_loss(
     margin: float = 0.25,
     gamma: float = 32.0,
 ) -> torch.Tensor:
-    """L = log(1 + sum_p exp(-gamma w_p a_p (s_p - (1 - m))) * sum_n exp(gamma a_n (s_n - m))).
+    """Per anchor i: log(1 + sum_p exp(-gamma w_p a_p (s_p - (1 - m))) * sum_n exp(gamma a_n (s_n - m))),
+    averaged over the anchors that have both a positive and a negative in the batch.
 
     a_p = relu(1 + m - s_p) and a_n = relu(s_n + m) are self-paced weights (no gradient);
-    `degree` (n, n) holds w_p; None means w_p = 1, the plain circle-style loss.
+    `degree` (n, n) holds w_p; None means w_p = 1, the plain circle-style loss. Computing it per
+    anchor (as circle losses usually are) spreads the gradient over every image instead of the
+    few hardest pairs of the whole batch.
     """
     sim = emb @ emb.t()
     pos, neg = _pair_masks(labels)
-    if not pos.any() or not neg.any():
+    valid = pos.any(1) & neg.any(1)
+    if not valid.any():
         return emb.sum() * 0.0
-    sp, sn = sim[pos], sim[neg]
-    ap = F.relu(1 + margin - sp).detach()
-    an = F.relu(sn + margin).detach()
-    w = degree[pos] if degree is not None else 1.0
-    logit_p = -gamma * w * ap * (sp - (1 - margin))
-    logit_n = gamma * an * (sn - margin)
-    return F.softplus(torch.logsumexp(logit_p, 0) + torch.logsumexp(logit_n, 0))
+    ap = F.relu(1 + margin - sim).detach()
+    an = F.relu(sim + margin).detach()
+    w = degree if degree is not None else 1.0
+    logit_p = (-gamma * w * ap * (sim - (1 - margin))).masked_fill(~pos, float("-inf"))
+    logit_n = (gamma * an * (sim - margin)).masked_fill(~neg, float("-inf"))
+    per_anchor = F.softplus(torch.logsumexp(logit_p, 1) + torch.logsumexp(logit_n, 1))
+    return per_anchor[valid].mean()
 
 
 def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (not tests): run from the repository root as `python -m benchmarks.NAME`."""

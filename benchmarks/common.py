@@ -1,0 +1,143 @@
+"""What every benchmark shares: the machine description, timing, tables, and where the photos are.
+
+Each script measures A against B in the same run on the same machine, so its ratios hold even
+where the absolute figures (which depend on the CPU and its load, printed at the top) do not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EYEPACS_IMAGES = REPO.parent / "shared" / "data" / "eyepacs256" / "images"
+RETINA = REPO / "tests" / "fixtures" / "retina.jpg"  # a raw 1411x1411 fundus photo (CC0)
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first `key: value` line of a /proc file, or None."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == key:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def package_version(name: str) -> str:
+    """Installed version of a distribution, without importing it."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_description(packages: Sequence[str] = ()) -> list[str]:
+    """Lines describing where and when the figures were measured (RESULTS.md has the same fields)."""
+    cpu = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
+    mem = _proc_field("/proc/meminfo", "MemTotal")  # e.g. "24564112 kB"
+    ram = f"{int(mem.split()[0]) / 2**20:.1f} GiB" if mem else "unknown"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"date:       {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"cpu:        {cpu}",
+        f"cores:      {os.cpu_count()} logical, {usable} usable by this process",
+        f"ram:        {ram}",
+        f"os:         {platform.platform()}",
+        f"python:     {platform.python_version()} ({sys.executable})",
+        f"packages:   {', '.join(f'{p} {package_version(p)}' for p in packages) or '-'}",
+        f"load avg:   {load} (1/5/15 min, at start)",
+    ]
+
+
+def print_header(title: str, packages: Sequence[str] = ()) -> None:
+    """Print the benchmark's title and the machine description; warn when the machine is busy."""
+    print(f"== {title} ==")
+    for line in machine_description(packages):
+        print(line)
+    cores = os.cpu_count() or 1
+    if os.getloadavg()[0] > 0.25 * cores:
+        print(f"warning: the machine is busy (load {os.getloadavg()[0]:.1f} on {cores} cores): absolute figures are low")
+    print(flush=True)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of the repeated runs of one measurement."""
+
+    runs: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def rate(self, items: int) -> float:
+        """Items per second at the median run time."""
+        return items / self.median
+
+    def __str__(self) -> str:
+        """Median and range, e.g. '98.1 ms [95.5 ms-101.2 ms]'."""
+        return f"{seconds(self.median)} [{seconds(min(self.runs))}-{seconds(max(self.runs))}]"
+
+
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed with time.perf_counter."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return Timing(tuple(runs))
+
+
+def seconds(s: float) -> str:
+    """A duration with a readable unit."""
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def ratio(a: float, b: float) -> str:
+    """a / b as 'N.NNx' ('n/a' when b is 0)."""
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
+    ]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def photos(n: int, folder: Path = EYEPACS_IMAGES) -> list[Path]:
+    """`n` photographs spread evenly over the sorted files of `folder` (never copied anywhere).
+
+    Exits with a message naming the folder when it is missing or holds fewer than `n` photos.
+    """
+    if not folder.is_dir():
+        sys.exit(f"{folder}: no such folder (the EyePACS photos live in ../shared beside the checkout; see --photos)")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    if len(files) < n:
+        sys.exit(f"{folder}: {len(files)} photos, {n} wanted")
+    step = len(files) // n
+    return files[::step][:n]

@@ -1,0 +1,155 @@
+"""Ablations on one split and one budget: does each part of the method earn its keep?
+
+Every trained variant gets the same schedule, data, frozen trunk (and so the same cached trunk
+features), augmentation pool and seeds, and is judged at its last epoch (no checkpoint
+selection); only the named part changes:
+
+1. imagenet-gem          ImageNet backbone + GeM, no training (320-d descriptor)
+2. gem-fine              backbone + GeM + projection, fine triplet loss, no mirror attention
+3. mirror-batchhard      mirror attention + batch-hard triplet loss
+4. mirror-circle         mirror attention + fine loss with the relevant degree fixed to 1
+5. mirror-fine-image     mirror attention + fine triplet loss, image mirroring (3 tail passes)
+6. mirror-fine-feature   mirror attention + fine triplet loss, feature mirroring (1 pass)
+
+Results (test split: gallery = train split, queries = test split) go to OUT/results.json and a
+Markdown table OUT/ABLATIONS.md; each run's log stays in OUT/<variant>-seed<N>/log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fundus_sdk import metrics
+
+from .data import read_source, split_by_patient, train_test
+from .model import FundusNet, ModelConfig
+from .train import TrainConfig, TrunkCache, train
+
+VARIANTS: dict[str, dict | None] = {
+    "imagenet-gem": None,
+    "gem-fine": {"mirroring": "none", "loss": "fine"},
+    "mirror-batchhard": {"mirroring": "feature", "loss": "batch-hard"},
+    "mirror-circle": {"mirroring": "feature", "loss": "circle"},
+    "mirror-fine-image": {"mirroring": "image", "loss": "fine"},
+    "mirror-fine-feature": {"mirroring": "feature", "loss": "fine"},
+}
+
+
+def untrained_report(cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
+    """Variant 1: GeM over the ImageNet backbone's last feature map, no projection, no training."""
+    torch.set_num_threads(cfg.threads)
+    net = FundusNet(replace(model_cfg, mirroring="none"), pretrained=True).eval()
+    records = read_source(cfg.data)
+    train_recs, test_recs = train_test(records, cfg.data_seed)
+    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+    everyone = fit_recs + val_recs + test_recs
+    maps, ok = TrunkCache(net, cfg, print).get(everyone, 0)
+    is_test = np.repeat([False, True], [len(fit_recs) + len(val_recs), len(test_recs)])
+    grades = np.array([r.grade for r in everyone])
+
+    def embed(idx: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(idx), 128):
+                x = torch.from_numpy(np.asarray(maps[idx[i : i + 128]], dtype=np.float32))
+                out.append(torch.nn.functional.normalize(net.pool(net.tail(x)), dim=1).numpy())
+        return np.concatenate(out)
+
+    gallery, queries = np.flatnonzero(ok & ~is_test), np.flatnonzero(ok & is_test)
+    ranked = metrics.rank_exact(embed(queries), embed(gallery), cfg.k)
+    return metrics.evaluate(grades[queries], grades[gallery][ranked], grades[gallery])
+
+
+def inference_ms(model_cfg: ModelConfig, threads: int, batch: int = 16) -> float:
+    """Torch eval time per image of the full network (trunk included) at the input size."""
+    torch.set_num_threads(threads)
+    net = FundusNet(model_cfg, pretrained=False).eval()
+    x = torch.randn(batch, 3, model_cfg.input_size, model_cfg.input_size)
+    with torch.inference_mode():
+        net(x)
+        start = time.perf_counter()
+        for _ in range(3):
+            net(x)
+    return (time.perf_counter() - start) / (3 * batch) * 1000
+
+
+def run(base: TrainConfig, model_cfg: ModelConfig, out: Path, variants: list[str], seeds: list[int]) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else []
+    done = {(r["variant"], r["seed"]) for r in results}
+    for name in variants:
+        spec = VARIANTS[name]
+        for seed in seeds if spec is not None else [0]:
+            if (name, seed) in done:
+                continue
+            started = time.time()
+            if spec is None:
+                report, mcfg = untrained_report(base, model_cfg), replace(model_cfg, mirroring="none")
+            else:
+                mcfg = replace(model_cfg, mirroring=spec["mirroring"])
+                cfg = replace(base, out=str(out / f"{name}-seed{seed}"), seed=seed, loss=spec["loss"], validate=False)
+                report = torch.load(train(cfg, mcfg), map_location="cpu", weights_only=True)["test"]
+            entry = {
+                "variant": name,
+                "seed": seed,
+                "seconds": time.time() - started,
+                "backbone_passes": 3 if mcfg.mirroring == "image" else 1,
+                "ms_per_image": inference_ms(mcfg, base.threads),
+                "report": report,
+            }
+            results.append(json.loads(json.dumps(entry)))  # as stored: grade keys become strings
+            results_file.write_text(json.dumps(results, indent=2))
+    (out / "ABLATIONS.md").write_text(table(results, base))
+    return results
+
+
+def table(results: list[dict], base: TrainConfig) -> str:
+    """Markdown: one row per variant (mean ± spread over seeds), per-grade mHR@k, chance."""
+    k = base.k
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    grades = [0, 1, 2, 3, 4]
+    head = (
+        f"| variant | seeds | mHR@{k} | macro mHR@{k} | mAP@{k} | AP@{k} | NDCG@{k} | "
+        + " | ".join(f"mHR@{k} g{g}" for g in grades)
+        + " | train s | passes | ms/img |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cell(values: list[float]) -> str:
+        return f"{np.mean(values):.3f}" + (f" ± {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
+
+    for name, runs in by_variant.items():
+        reps = [r["report"] for r in runs]
+        row = [
+            name,
+            str(len(runs)),
+            cell([x["micro"]["mHR"] for x in reps]),
+            cell([x["macro"]["mHR"] for x in reps]),
+            cell([x["micro"]["mAP"] for x in reps]),
+            cell([x["micro"]["AP"] for x in reps]),
+            cell([x["micro"]["NDCG"] for x in reps]),
+            *[cell([x["per_grade"]["mHR"][str(g)] for x in reps]) for g in grades],
+            f"{np.mean([r['seconds'] for r in runs]):.0f}",
+            str(runs[0]["backbone_passes"]),
+            f"{runs[0]['ms_per_image']:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    chance = results[0]["report"]["chance"]
+    per = chance["per_grade"]["mHR"]
+    lines.append(
+        f"| chance | | {chance['micro']['mHR']:.3f} | {chance['macro']['mHR']:.3f} | {chance['micro']['mAP']:.3f} | "
+        f"{chance['micro']['AP']:.3f} | {chance['micro']['NDCG']:.3f} | "
+        + " | ".join(f"{per[str(g)]:.3f}" for g in grades)
+        + " | | | |"
+    )
+    settings = {k2: v for k2, v in asdict(base).items() if k2 not in ("out", "data", "cache_dir", "preprocess")}
+    return "\n".join(lines) + f"\n\nSchedule and settings shared by every trained variant: `{json.dumps(settings)}`\n"
