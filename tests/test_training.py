@@ -135,7 +135,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 def tiny_config(data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
     return TrainConfig(
-        data=str(data), out=str(out), epochs=3, aug_views=1, per_class=4, batches_per_epoch=6,
+        data=str(data), out=str(out), epochs=3, aug_views=1, batch_size=20, balance_power=0.0, batches_per_epoch=6,
         lr=3e-3, val_fraction=0.2, cache_dir=str(cache), seed=3, **kw,
     )
 

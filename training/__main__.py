@@ -19,11 +19,12 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
     p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
-    p.add_argument("--input-size", type=int, default=ModelConfig.input_size)
+    p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grade classifier (0: off)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--aug-views", type=int, default=3, help="augmented views cached per training image")
-    p.add_argument("--per-class", type=int, default=12, help="images per grade in a batch")
+    p.add_argument("--batch-size", type=int, default=60)
+    p.add_argument("--balance-power", type=float, default=0.5, help="grade quotas per batch ~ count**power (0: uniform)")
     p.add_argument("--batches-per-epoch", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr", type=float, default=3e-4)
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         epochs=args.epochs,
         aug_views=args.aug_views,
-        per_class=args.per_class,
+        batch_size=args.batch_size,
+        balance_power=args.balance_power,
         batches_per_epoch=args.batches_per_epoch,
         lr=args.lr,
         backbone_lr=args.backbone_lr,

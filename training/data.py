@@ -109,24 +109,30 @@ def augment(pil: Image.Image, rng: random.Random) -> Image.Image:
 
 
 class BalancedBatches:
-    """Batches of `per_class` samples from each of `classes_per_batch` grades.
+    """Batches with a fixed quota of samples per grade: quota ~ (grade count) ** `power`.
 
-    Grades are drawn uniformly (rare grades 3 and 4 are as present as grade 0); samples
-    within a grade are drawn without replacement until exhausted, then reshuffled.
+    power 0 gives every grade the same quota (rare grades 3 and 4 are seen many times per
+    epoch and get memorised); power 1 follows the data (grade 0 swamps the rest); the default
+    0.5 sits between. Every grade present gets at least 2 (a positive pair). Samples within a
+    grade are drawn without replacement until exhausted, then reshuffled.
     """
 
-    def __init__(self, labels: np.ndarray, per_class: int, classes_per_batch: int, batches: int, seed: int):
+    def __init__(self, labels: np.ndarray, batch_size: int, batches: int, seed: int, power: float = 0.5):
         self.labels = np.asarray(labels)
-        self.per_class = per_class
         self.classes = sorted(int(g) for g in np.unique(self.labels))
-        self.classes_per_batch = min(classes_per_batch, len(self.classes))
+        counts = np.array([(self.labels == g).sum() for g in self.classes], dtype=float)
+        share = counts**power / (counts**power).sum() * batch_size
+        quota = np.maximum(2, np.floor(share)).astype(int)
+        for i in np.argsort(-(share - np.floor(share)))[: max(0, batch_size - quota.sum())]:
+            quota[i] += 1
+        self.quota = dict(zip(self.classes, quota.tolist()))
         self.batches = batches
         self.rng = np.random.default_rng(seed)
-        self.pools = {g: [] for g in self.classes}
+        self.pools: dict[int, list[int]] = {g: [] for g in self.classes}
 
     def _take(self, g: int) -> list[int]:
         out: list[int] = []
-        while len(out) < self.per_class:
+        while len(out) < self.quota[g]:
             if not self.pools[g]:
                 self.pools[g] = list(self.rng.permutation(np.flatnonzero(self.labels == g)))
             out.append(int(self.pools[g].pop()))
@@ -134,8 +140,7 @@ class BalancedBatches:
 
     def __iter__(self):
         for _ in range(self.batches):
-            chosen = self.rng.choice(self.classes, size=self.classes_per_batch, replace=False)
-            yield np.array([i for g in chosen for i in self._take(int(g))])
+            yield np.array([i for g in self.classes for i in self._take(g)])
 
     def __len__(self) -> int:
         return self.batches

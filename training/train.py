@@ -43,8 +43,8 @@ class TrainConfig:
     out: str = "runs/default"
     epochs: int = 12
     aug_views: int = 3
-    per_class: int = 12
-    classes_per_batch: int = 5
+    batch_size: int = 60
+    balance_power: float = 0.5  # grade quotas per batch ~ count ** power (0: uniform, 1: natural)
     batches_per_epoch: int = 0  # 0: one pass over the training images per epoch
     lr: float = 1e-3
     backbone_lr: float = 3e-4
@@ -218,8 +218,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         [{"params": new_params, "lr": cfg.lr}, {"params": tail_params, "lr": cfg.backbone_lr}],
         weight_decay=cfg.weight_decay,
     )
-    batch_size = cfg.per_class * min(cfg.classes_per_batch, len(set(fit_grades.tolist())))
-    steps = cfg.batches_per_epoch or max(1, len(fit_idx) // batch_size)
+    steps = cfg.batches_per_epoch or max(1, len(fit_idx) // cfg.batch_size)
     total = steps * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 2)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
@@ -253,7 +252,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
-        sampler = BalancedBatches(fit_grades, cfg.per_class, cfg.classes_per_batch, steps, cfg.seed * 1000 + epoch)
+        sampler = BalancedBatches(fit_grades, cfg.batch_size, steps, cfg.seed * 1000 + epoch, cfg.balance_power)
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
         losses = []
         bar = tqdm(sampler, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr)
