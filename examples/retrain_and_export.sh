@@ -12,7 +12,7 @@
 #
 # Environment: PYTHON (default python), FUNDUS_SDK (default fundus-sdk), TRAIN_ARGS: more
 # training flags (see `python -m training train --help`), e.g. a smoke run for CI:
-#   TRAIN_ARGS="--limit 64 --epochs 1 --aug-views 0" examples/retrain_and_export.sh DATA /tmp/mine
+#   TRAIN_ARGS="--limit 64 --epochs 1 --aug-views 0 --input-size 128" examples/retrain_and_export.sh DATA /tmp/mine
 set -euo pipefail
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }

@@ -176,7 +176,7 @@ def test_retrain_and_export_smallest_budget(tmp_path: Path) -> None:
     proc = run(
         ["bash", EXAMPLES / "retrain_and_export.sh", EYEPACS, out, gallery],
         cwd=tmp_path, timeout=900, PYTHON=sys.executable,
-        TRAIN_ARGS="--limit 64 --epochs 1 --aug-views 0 --threads 2",
+        TRAIN_ARGS="--limit 64 --epochs 1 --aug-views 0 --input-size 128 --threads 2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     model_file = out / "mine.onnx"

@@ -144,7 +144,7 @@ def tiny_config(data: Path, out: Path, cache: Path, **kw) -> TrainConfig:
 def tiny_run(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     cfg = tiny_config(tiny_data, root / "a", root / "cache")
-    best = train(cfg, ModelConfig(dim=64))
+    best = train(cfg, ModelConfig(dim=64, input_size=128))
     return cfg, best
 
 
@@ -155,7 +155,7 @@ def test_tiny_training_run_lowers_the_loss_and_saves_a_full_checkpoint(tiny_run)
     assert len(losses) == 3 and losses[-1] < losses[0]
     ckpt = torch.load(best, weights_only=True)
     assert ckpt["model_config"]["dim"] == 64 and ckpt["model_config"]["backbone"] == "tf_efficientnet_lite0"
-    assert ckpt["train_config"]["seed"] == 3 and ckpt["train_config"]["preprocess"]["size"] == 256
+    assert ckpt["train_config"]["seed"] == 3 and ckpt["train_config"]["preprocess"]["size"] == 128
     assert ckpt["data"]["train"]["images"] + ckpt["data"]["validation"]["images"] == 40  # broken one skipped
     assert 0 <= ckpt["test"]["micro"]["mHR"] <= 1 and set(ckpt["test"]["per_grade"]["mHR"]) == {0, 1, 2, 3, 4}
     log = (Path(cfg.out) / "log.txt").read_text()
@@ -166,10 +166,10 @@ def test_interrupted_and_resumed_run_repeats_the_same_seeded_run(tiny_run, tiny_
     cfg, _ = tiny_run
     reference = [h["loss"] for h in torch.load(Path(cfg.out) / "last.pt", weights_only=True)["history"]]
     again = tiny_config(tiny_data, tmp_path / "b", Path(cfg.cache_dir), stop_after=2)
-    train(again, ModelConfig(dim=64))
+    train(again, ModelConfig(dim=64, input_size=128))
     halfway = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert halfway["epoch"] == 1 and "test" not in torch.load(tmp_path / "b" / "best.pt", weights_only=True)
-    train(tiny_config(tiny_data, tmp_path / "b", Path(cfg.cache_dir)), ModelConfig(dim=64), resume=True)
+    train(tiny_config(tiny_data, tmp_path / "b", Path(cfg.cache_dir)), ModelConfig(dim=64, input_size=128), resume=True)
     resumed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert resumed["epoch"] == 2 and "resumed from" in (tmp_path / "b" / "log.txt").read_text()
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(reference, rel=1e-4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from .ablate import VARIANTS
@@ -21,8 +20,8 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grade classifier (0: off)")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--aug-views", type=int, default=3, help="augmented views cached per training image")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--aug-views", type=int, default=2, help="augmented views cached per training image")
     p.add_argument("--batch-size", type=int, default=60)
     p.add_argument("--balance-power", type=float, default=0.5, help="grade quotas per batch ~ count**power (0: uniform)")
     p.add_argument("--batches-per-epoch", type=int, default=0)
@@ -61,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args(argv)
 
-    from fundus_sdk.preprocess import Preprocess
-
     from .train import TrainConfig, train
 
     model_cfg = ModelConfig(
@@ -91,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         stop_after=getattr(args, "stop_after", 0),
         cache_dir=args.cache_dir,
         threads=args.threads,
-        preprocess=asdict(Preprocess(size=args.input_size)),
     )
     if args.command == "ablate":
         from .ablate import run

@@ -27,7 +27,7 @@ class ModelConfig:
     dim: int = 256
     mirroring: str = "feature"
     reduction: int = 2
-    input_size: int = 256
+    input_size: int = 384  # the 256 px photos upsampled: lesions get more feature-map cells
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     frozen_blocks: int = 4  # stem + this many block groups are frozen (and cacheable)

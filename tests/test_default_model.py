@@ -1,0 +1,63 @@
+"""The bundled default model: it loads, its metadata is sane, and it retrieves by DR grade.
+
+The quality check embeds a fixed subset of the EyePACS split (every 8th training photo as the
+gallery, every 6th test photo as queries) and checks that what the model's metadata (and so
+MODEL_CARD.md) claims for the full test split holds there within sampling tolerance, and that
+it beats chance by most of the claimed margin.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import fundus_sdk
+from fundus_sdk import contract, metrics
+from tests.shared import eyepacs_rows, require_eyepacs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return fundus_sdk.load_model()
+
+
+def test_metadata_describes_a_trained_model(model):
+    meta = model.metadata
+    assert model.dim == 256 and meta[contract.PRECISION] in ("fp32", "fp16", "int8")
+    assert meta[contract.BACKBONE] == "tf_efficientnet_lite0" and meta[contract.MIRRORING] in ("feature", "image")
+    data = json.loads(meta[contract.TRAINING_DATA])
+    assert data["train"]["images"] > 4000  # trained on the EyePACS training split
+    assert "EyePACS" in meta[contract.LICENCE] and "research" in meta[contract.LICENCE]
+    claimed = model.metrics()
+    assert claimed["n_queries"] == 1343 and claimed["k"] == 10
+
+
+@pytest.fixture(scope="module")
+def subset_report(model) -> dict:
+    require_eyepacs()
+    gallery = eyepacs_rows("train")[::8]
+    queries = eyepacs_rows("test")[::6]
+    root = require_eyepacs() / "images"
+    g = model.embed([root / r["image"] for r in gallery], batch_size=32)
+    q = model.embed([root / r["image"] for r in queries], batch_size=32)
+    g_grades = np.array([int(r["grade"]) for r in gallery])
+    q_grades = np.array([int(r["grade"]) for r in queries])
+    ranked = metrics.rank_exact(q, g, 10)
+    return metrics.evaluate(q_grades, g_grades[ranked], g_grades)
+
+
+def test_retrieval_on_a_fixed_subset_matches_the_claims(model, subset_report):
+    claimed = model.metrics()
+    for avg in ("micro", "macro"):
+        # 224 queries against a gallery 1/8 the size: the spread measured between such subsets
+        # is a few hundredths; 0.08 keeps the test stable while catching a broken model
+        assert subset_report[avg]["mHR"] >= claimed[avg]["mHR"] - 0.08, (avg, subset_report[avg], claimed[avg])
+
+
+def test_retrieval_beats_chance_by_most_of_the_claimed_margin(model, subset_report):
+    claimed = model.metrics()
+    for avg in ("micro", "macro"):
+        margin = subset_report[avg]["mHR"] - subset_report["chance"][avg]["mHR"]
+        claimed_margin = claimed[avg]["mHR"] - claimed["chance"][avg]["mHR"]
+        assert claimed_margin > 0.05  # the shipped model is meaningfully better than chance
+        assert margin >= 0.5 * claimed_margin, (avg, margin, claimed_margin)
