@@ -10,7 +10,7 @@
    exercises colour, contrast, size, surround and compression; it cannot reproduce another
    camera's optics or another population.
 
-    python -m benchmarks.raw_photos [--model M] [--queries 400]
+    python -m benchmarks.raw_photos [--model M] [--queries 400] [--gallery-stride 1]
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def part_one(model: fundus_sdk.Model, others: list[Path]) -> None:
     )
 
 
-def part_two(model: fundus_sdk.Model, n_queries: int, seed: int = 0) -> None:
+def part_two(model: fundus_sdk.Model, n_queries: int, gallery_stride: int, seed: int = 0) -> None:
     rows = read_labels(LABELS)
-    gallery = [r for r in rows if r.fields["split"] == "train"]
+    gallery = [r for r in rows if r.fields["split"] == "train"][::gallery_stride]
     tests = [r for r in rows if r.fields["split"] == "test"]
     rng = np.random.default_rng(seed)
     queries = [tests[i] for i in sorted(rng.choice(len(tests), size=min(n_queries, len(tests)), replace=False))]
@@ -121,13 +121,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="ONNX model (default: the bundled one)")
     parser.add_argument("--queries", type=int, default=400, help="test-split queries for part 2")
+    parser.add_argument("--gallery-stride", type=int, default=1, help="use every Nth train-split photo as the gallery")
     args = parser.parse_args()
     print_header("raw clinic photographs against the enhanced EyePACS set", ["onnxruntime"])
     model = fundus_sdk.load_model(args.model)
     print(f"model: {model.name} ({model.fingerprint[:12]})\n")
     tests = [r.path for r in read_labels(LABELS) if r.fields["split"] == "test"]
     part_one(model, tests[:: len(tests) // 100][:100])
-    part_two(model, args.queries)
+    part_two(model, args.queries, args.gallery_stride)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def lite0(tmp_path_factory, eyepacs_dir: Path):
     root = tmp_path_factory.mktemp("lite0")
     grades = np.array([0, 0, 1, 2, 2, 0, 4, 3])
     report = metrics.evaluate(grades[:4], grades[4:][[[0, 1], [1, 0], [2, 3], [3, 2]]], grades[4:])
-    ckpt = save_checkpoint(root / "best.pt", trained_like(ModelConfig(), pretrained=True), report)
+    ckpt = save_checkpoint(root / "best.pt", trained_like(ModelConfig(input_size=256), pretrained=True), report)
     images = eyepacs_dir / "images"
     fp32, int8 = export_variants(
         ckpt,
