@@ -79,8 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="decode-speed-") as tmp:
         for width, height in args.sizes:
             path = make_photo(source, width, height, args.noise, args.quality, Path(tmp) / f"retina-{width}x{height}.jpg")
-            t_draft = measure(lambda: draft(path), args.repeats, args.warmup)
-            t_full = measure(lambda: full(path), args.repeats, args.warmup)
+            t_draft = measure(lambda path=path: draft(path), args.repeats, args.warmup)
+            t_full = measure(lambda path=path: full(path), args.repeats, args.warmup)
             diff = np.abs(draft(path).astype(np.int16) - full(path).astype(np.int16))
             decoded = decode(path, draft_size=draft_size)[0].size
             rows.append([

@@ -357,7 +357,7 @@ class Index:
         step = commit_every or max(1, len(inputs))
         for start in range(0, len(inputs), step):
             rows = self._rows(inputs[start : start + step], meta[start : start + step], vecs is not None, on_error, batch_size, progress)
-            added = self._commit(lambda cur, vectors: self._insert(cur, vectors, rows))
+            added = self._commit(lambda cur, vectors, rows=rows: self._insert(cur, vectors, rows))
             for pos, key in added:
                 keys[start + pos] = key
         return keys

@@ -231,11 +231,3 @@ def local_contrast_normalise(rgb: np.ndarray, sigma: float, gain: float) -> np.n
     out = 128.0 + detail * (gain / max(scale, 1.0))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, streamed: the content hash an index records."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -95,7 +95,6 @@ def lite0(tmp_path_factory, eyepacs_dir: Path):
     grades = np.array([0, 0, 1, 2, 2, 0, 4, 3])
     report = metrics.evaluate(grades[:4], grades[4:][[[0, 1], [1, 0], [2, 3], [3, 2]]], grades[4:])
     ckpt = save_checkpoint(root / "best.pt", trained_like(ModelConfig(input_size=256), pretrained=True), report)
-    images = eyepacs_dir / "images"
     fp32, int8 = export_variants(
         ckpt,
         {"fp32": root / "m.onnx", "int8": root / "m-int8.onnx"},

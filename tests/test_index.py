@@ -1,6 +1,5 @@
 """The case index: real usearch files, real SQLite, real photos, real crashes."""
 
-import os
 import shutil
 import signal
 import subprocess
