@@ -173,3 +173,16 @@ def test_interrupted_and_resumed_run_repeats_the_same_seeded_run(tiny_run, tiny_
     resumed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert resumed["epoch"] == 2 and "resumed from" in (tmp_path / "b" / "log.txt").read_text()
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(reference, rel=1e-4)
+
+
+def test_ablation_runner_trains_evaluates_and_tabulates(tiny_data, tmp_path):
+    from training.ablate import run
+
+    base = tiny_config(tiny_data, tmp_path / "unused", tmp_path / "cache", stop_after=0)
+    results = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["imagenet-gem", "gem-fine"], [0])
+    assert [r["variant"] for r in results] == ["imagenet-gem", "gem-fine"]
+    assert all(0 <= r["report"]["micro"]["mHR"] <= 1 and r["ms_per_image"] > 0 for r in results)
+    table = (tmp_path / "abl" / "ABLATIONS.md").read_text()
+    assert "| imagenet-gem | 1 |" in table and "| gem-fine | 1 |" in table and "| chance |" in table
+    again = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["gem-fine"], [0])
+    assert len(again) == 2  # finished runs are kept, not repeated

@@ -27,9 +27,8 @@ import torch
 
 from fundus_sdk import metrics
 
-from .data import read_source, split_by_patient, train_test
 from .model import FundusNet, ModelConfig
-from .train import TrainConfig, TrunkCache, train
+from .train import TrainConfig, TrunkCache, split_records, train
 
 VARIANTS: dict[str, dict | None] = {
     "imagenet-gem": None,
@@ -45,9 +44,7 @@ def untrained_report(cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
     """Variant 1: GeM over the ImageNet backbone's last feature map, no projection, no training."""
     torch.set_num_threads(cfg.threads)
     net = FundusNet(replace(model_cfg, mirroring="none"), pretrained=True).eval()
-    records = read_source(cfg.data)
-    train_recs, test_recs = train_test(records, cfg.data_seed)
-    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+    fit_recs, val_recs, test_recs = split_records(cfg)
     everyone = fit_recs + val_recs + test_recs
     maps, ok = TrunkCache(net, cfg, print).get(everyone, 0)
     is_test = np.repeat([False, True], [len(fit_recs) + len(val_recs), len(test_recs)])
@@ -124,7 +121,10 @@ def table(results: list[dict], base: TrainConfig) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def cell(values: list[float]) -> str:
+    def cell(values: list[float | None]) -> str:
+        values = [v for v in values if v is not None]  # a grade can be absent from small query sets
+        if not values:
+            return "-"
         return f"{np.mean(values):.3f}" + (f" ± {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
 
     for name, runs in by_variant.items():
@@ -137,7 +137,7 @@ def table(results: list[dict], base: TrainConfig) -> str:
             cell([x["micro"]["mAP"] for x in reps]),
             cell([x["micro"]["AP"] for x in reps]),
             cell([x["micro"]["NDCG"] for x in reps]),
-            *[cell([x["per_grade"]["mHR"][str(g)] for x in reps]) for g in grades],
+            *[cell([x["per_grade"]["mHR"].get(str(g)) for x in reps]) for g in grades],
             f"{np.mean([r['seconds'] for r in runs]):.0f}",
             str(runs[0]["backbone_passes"]),
             f"{runs[0]['ms_per_image']:.1f}",
@@ -148,8 +148,9 @@ def table(results: list[dict], base: TrainConfig) -> str:
     lines.append(
         f"| chance | | {chance['micro']['mHR']:.3f} | {chance['macro']['mHR']:.3f} | {chance['micro']['mAP']:.3f} | "
         f"{chance['micro']['AP']:.3f} | {chance['micro']['NDCG']:.3f} | "
-        + " | ".join(f"{per[str(g)]:.3f}" for g in grades)
+        + " | ".join(cell([per.get(str(g))]) for g in grades)
         + " | | | |"
     )
-    settings = {k2: v for k2, v in asdict(base).items() if k2 not in ("out", "data", "cache_dir", "preprocess")}
+    per_variant = ("out", "data", "cache_dir", "preprocess", "loss", "seed", "validate")  # set per run
+    settings = {k2: v for k2, v in asdict(base).items() if k2 not in per_variant}
     return "\n".join(lines) + f"\n\nSchedule and settings shared by every trained variant: `{json.dumps(settings)}`\n"

@@ -71,6 +71,15 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
 
+def split_records(cfg: TrainConfig) -> tuple[list[Record], list[Record], list[Record]]:
+    """(fit, validation, test): the data's train/test split, validation carved from train by patient."""
+    train_recs, test_recs = train_test(read_source(cfg.data), cfg.data_seed)
+    if cfg.limit:
+        train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
+    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+    return fit_recs, val_recs, test_recs
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -197,11 +206,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     started = time.time()
-    records = read_source(cfg.data)
-    train_recs, test_recs = train_test(records, cfg.data_seed)
-    if cfg.limit:
-        train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
-    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+    fit_recs, val_recs, test_recs = split_records(cfg)
     log(f"data: {len(fit_recs)} fit / {len(val_recs)} validation / {len(test_recs)} test images")
 
     net = FundusNet(model_cfg, pretrained=cfg.pretrained)
