@@ -383,9 +383,11 @@ def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
                 for err in errors:
                     report_failure(err)
                 failures += len(errors)
-                for pos, vec, sha in zip(positions, vecs, digests):
-                    # the gallery is the graded cases: ungraded ones are not ranked
-                    hits = [h for h in ix.search(vec, k=k + 1, where=GRADED) if h.sha256 != sha][:k]
+                # the gallery is the graded cases (ungraded ones are not ranked); one search per
+                # batch, so the filter is computed once per batch rather than once per query
+                batch_hits = ix.search(vecs, k=k + 1, where=GRADED) if len(positions) else []
+                for pos, found, sha in zip(positions, batch_hits, digests):
+                    hits = [h for h in found if h.sha256 != sha][:k]
                     grade = labels[pos].grade
                     # a gallery smaller than k: the missing ranks get a grade 4 away (no hit, zero gain)
                     ranked.append([h.grade for h in hits] + [grade + 4] * (k - len(hits)))
