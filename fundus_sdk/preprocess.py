@@ -10,11 +10,14 @@ Steps, in order:
 2. crop to the bounding box of the circular field of view (the bright disc on a dark surround)
    and stretch it to a square, as the EyePACS training photos were;
 3. resize to `size` x `size` (bicubic, antialiased);
-4. local contrast normalisation inside the field of view: subtract the local mean colour
+4. histogram-equalise each colour channel inside the field of view (recipe v2). The EyePACS
+   training photos were published equalised this way (every channel's deciles inside the field
+   of view sit near 40/76/136/196/231 whatever the camera); equalising a raw photo puts it in the
+   same space and undoes any monotone per-channel change: colour cast, gain, gamma, contrast;
+5. local contrast normalisation inside the field of view: subtract the local mean colour
    (a Gaussian of `sigma` x size pixels, computed only from field-of-view pixels) and scale by
-   the image's own contrast. This removes camera colour casts, vignetting and the enhancement
-   some data sets apply, and keeps vessels and lesions: a raw clinic photo and an enhanced copy
-   of it come out alike. Outside the field of view the output is mid-grey (128).
+   the image's own contrast. This removes slow shading (vignetting, uneven illumination) and
+   keeps vessels and lesions. Outside the field of view the output is mid-grey (128).
 
 The model graph then does the rest (cast, scale, normalise, mirror views).
 """
@@ -35,7 +38,7 @@ from .errors import ImageError, describe
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
-RECIPE = "fov-stretch-lcn-v1"
+RECIPES = {"fov-stretch-lcn-v1": False, "fov-stretch-equalise-lcn-v2": True}  # name -> equalise
 FOV_THUMBNAIL = 1024
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
 
@@ -47,6 +50,7 @@ class Preprocess:
     size: int = 256
     lcn_sigma: float = 1 / 30
     lcn_gain: float = 32.0
+    equalise: bool = True  # False reproduces recipe v1 (models exported before 0.2)
 
     def __call__(self, image: ImageInput) -> np.ndarray:
         return self.load(image)[0]
@@ -61,14 +65,19 @@ class Preprocess:
 
     def from_pil(self, pil: Image.Image) -> np.ndarray:
         """Crop, resize and normalise an already decoded RGB image."""
-        square = crop_to_fov(pil).resize((self.size, self.size), Image.BICUBIC)
-        return local_contrast_normalise(
-            np.asarray(square, dtype=np.uint8), self.lcn_sigma * self.size, self.lcn_gain
-        )
+        square = np.asarray(crop_to_fov(pil).resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
+        mask = fov_mask(square)
+        if self.equalise:
+            square = equalise_channels(square, mask)
+        return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask)
+
+    @property
+    def recipe(self) -> str:
+        return next(name for name, equalise in RECIPES.items() if equalise == self.equalise)
 
     def to_metadata(self) -> dict[str, str]:
         return {
-            "preprocess.recipe": RECIPE,
+            "preprocess.recipe": self.recipe,
             "preprocess.size": str(self.size),
             "preprocess.lcn_sigma": repr(self.lcn_sigma),
             "preprocess.lcn_gain": repr(self.lcn_gain),
@@ -77,12 +86,13 @@ class Preprocess:
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
         recipe = meta.get("preprocess.recipe")
-        if recipe != RECIPE:
-            raise ValueError(f"unknown preprocessing recipe {recipe!r}; this runtime knows {RECIPE!r}")
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown preprocessing recipe {recipe!r}; this runtime knows {sorted(RECIPES)}")
         return cls(
             size=int(meta["preprocess.size"]),
             lcn_sigma=float(meta["preprocess.lcn_sigma"]),
             lcn_gain=float(meta["preprocess.lcn_gain"]),
+            equalise=RECIPES[recipe],
         )
 
 
@@ -218,10 +228,31 @@ def fov_mask(rgb: np.ndarray) -> np.ndarray:
     return inside >= (2 * r + 1) ** 2 - 0.5
 
 
-def local_contrast_normalise(rgb: np.ndarray, sigma: float, gain: float) -> np.ndarray:
-    """Subtract the field-of-view-only local mean colour and rescale by the image's contrast."""
+def equalise_channels(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Histogram-equalise each channel over the pixels in `mask`; pixels outside become 0.
+
+    Each grey level maps to 255 x the fraction of masked pixels below it (ties counted half),
+    so the result is the same for any strictly increasing per-channel transform of the input.
+    """
+    out = np.zeros_like(rgb)
+    n = max(1, int(mask.sum()))
+    for c in range(3):
+        channel = rgb[:, :, c]
+        hist = np.bincount(channel[mask], minlength=256).astype(np.float64)
+        lut = np.rint((np.cumsum(hist) - hist / 2) * (255.0 / n)).astype(np.uint8)
+        out[:, :, c] = np.where(mask, lut[channel], 0)
+    return out
+
+
+def local_contrast_normalise(
+    rgb: np.ndarray, sigma: float, gain: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Subtract the field-of-view-only local mean colour and rescale by the image's contrast.
+
+    `mask` is the field of view (found with `fov_mask` when not given).
+    """
     a = rgb.astype(np.float32)
-    mask = fov_mask(rgb)
+    mask = fov_mask(rgb) if mask is None else mask
     m = mask.astype(np.float32)
     blurred = _gaussian_sum(np.concatenate([a * m[:, :, None], m[:, :, None]], axis=2), sigma)
     local_mean = blurred[:, :, :3] / np.maximum(blurred[:, :, 3:], 1e-6)

@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from fundus_sdk.errors import ImageError
-from fundus_sdk.preprocess import Preprocess, decode, fov_box, local_contrast_normalise
+from fundus_sdk.preprocess import (
+    Preprocess,
+    decode,
+    equalise_channels,
+    fov_box,
+    fov_mask,
+    local_contrast_normalise,
+)
 from tests.shared import RETINA
 
 PP = Preprocess()
@@ -64,6 +71,37 @@ def test_camera_colour_cast_is_normalised_away(retina):
     b = PP(cast.astype(np.uint8)).astype(float) - 128
     corr = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
     assert corr > 0.9
+
+
+def test_equalisation_makes_exposure_and_cast_changes_vanish(retina):
+    """A darker, flatter, orange exposure of the same eye: recipe v2 maps it (nearly) back."""
+    a = np.asarray(retina).astype(float) / 255
+    other = (255 * (0.75 * a) ** 1.3 * [1.0, 0.8, 0.6]).astype(np.uint8)
+    v1 = Preprocess(equalise=False)
+    apart_v1 = close(v1(retina), v1(other))
+    apart_v2 = close(PP(retina), PP(other))
+    assert apart_v2 < 0.6 * apart_v1
+    assert structure(PP(retina), PP(other)) > 0.97
+
+
+def test_equalise_channels_is_rank_based_and_masked():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:56, 8:56] = True
+    out = equalise_channels(img, mask)
+    assert (out[~mask] == 0).all()
+    for c in range(3):  # inside the mask the levels spread evenly over 0..255
+        assert np.percentile(out[:, :, c][mask], [25, 50, 75]) == pytest.approx([64, 128, 191], abs=6)
+    lut = np.sort(rng.choice(np.arange(256), 200, replace=False)).astype(np.uint8)  # strictly increasing
+    assert (equalise_channels(lut[img], mask) == out).all()
+
+
+def test_fov_mask_is_the_disc_without_its_rim(retina):
+    square = np.asarray(retina.resize((256, 256)))
+    mask = fov_mask(square)
+    assert not mask[0, 0] and not mask[-1, -1] and mask[128, 128]
+    assert 0.6 < mask.mean() < 0.8  # a disc filling its box covers pi/4 = 0.785, less the rim
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
@@ -166,5 +204,8 @@ def test_lcn_output_is_scale_free():
 def test_metadata_round_trip_and_unknown_recipe():
     pp = Preprocess(size=224, lcn_sigma=0.05, lcn_gain=20.0)
     assert Preprocess.from_metadata(pp.to_metadata()) == pp
+    v1 = Preprocess(size=224, equalise=False)  # models exported before recipe v2 keep working
+    assert v1.to_metadata()["preprocess.recipe"] == "fov-stretch-lcn-v1"
+    assert Preprocess.from_metadata(v1.to_metadata()) == v1
     with pytest.raises(ValueError, match="recipe"):
         Preprocess.from_metadata({**pp.to_metadata(), "preprocess.recipe": "other"})

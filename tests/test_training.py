@@ -1,6 +1,7 @@
 """The training side: model, losses, offline weights, data checks and a real tiny run."""
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,24 @@ def test_relevant_degree_weighs_pairs_whose_fine_structure_differs():
         fine_triplet_loss(both, two).item()
     )
     assert batch_hard_triplet_loss(both, two).item() >= 0
+
+
+def test_augmented_views_stay_fundus_photos_with_a_black_surround():
+    """Photometric augmentation must not light up the surround: the field of view (and so the
+    crop and the mask preprocessing finds) must stay that of the photo."""
+    import random
+
+    from fundus_sdk.preprocess import fov_box
+    from training.data import augment
+
+    photo = Image.open(FIXTURES / "retina.jpg").convert("RGB").resize((256, 256))
+    box = np.array(fov_box(photo))
+    for seed in range(12):
+        view = augment(photo, random.Random(seed))
+        a = np.asarray(view)
+        assert view.size == photo.size and a[:8, :8].max() <= 12 and a[-8:, -8:].max() <= 12
+        assert np.abs(np.array(fov_box(view)) - box).max() <= 40  # rotation/scale move it a little
+        assert 20 < a[96:160, 96:160].mean() < 250
 
 
 def test_imagenet_weights_load_offline_and_see_a_cat():
@@ -181,8 +200,11 @@ def test_ablation_runner_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     base = tiny_config(tiny_data, tmp_path / "unused", tmp_path / "cache", stop_after=0)
     results = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["imagenet-gem", "gem-fine"], [0])
     assert [r["variant"] for r in results] == ["imagenet-gem", "gem-fine"]
-    assert all(0 <= r["report"]["micro"]["mHR"] <= 1 and r["ms_per_image"] > 0 for r in results)
+    assert all(0 <= r["report"]["micro"]["mHR"] <= 1 for r in results)
+    costs = json.loads((tmp_path / "abl" / "costs.json").read_text())
+    assert set(costs) == {"imagenet-gem", "gem-fine"} and all(c["ms_per_image"] > 0 for c in costs.values())
     table = (tmp_path / "abl" / "ABLATIONS.md").read_text()
     assert "| imagenet-gem | 1 |" in table and "| gem-fine | 1 |" in table and "| chance |" in table
+    assert table.count("per query grade") == 4  # mHR, mAP, AP, NDCG
     again = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["gem-fine"], [0])
     assert len(again) == 2  # finished runs are kept, not repeated

@@ -93,33 +93,28 @@ def run(base: TrainConfig, model_cfg: ModelConfig, out: Path, variants: list[str
                 mcfg = replace(model_cfg, mirroring=spec["mirroring"])
                 cfg = replace(base, out=str(out / f"{name}-seed{seed}"), seed=seed, loss=spec["loss"], validate=False)
                 report = torch.load(train(cfg, mcfg), map_location="cpu", weights_only=True)["test"]
-            entry = {
-                "variant": name,
-                "seed": seed,
-                "seconds": time.time() - started,
-                "backbone_passes": 3 if mcfg.mirroring == "image" else 1,
-                "ms_per_image": inference_ms(mcfg, base.threads),
-                "report": report,
-            }
+            entry = {"variant": name, "seed": seed, "seconds": time.time() - started, "report": report}
             results.append(json.loads(json.dumps(entry)))  # as stored: grade keys become strings
             results_file.write_text(json.dumps(results, indent=2))
-    (out / "ABLATIONS.md").write_text(table(results, base))
+    # Inference cost, measured once per variant after all training, back to back (same load).
+    costs = {}
+    for name in dict.fromkeys(r["variant"] for r in results):
+        spec = VARIANTS[name]
+        mcfg = replace(model_cfg, mirroring=spec["mirroring"] if spec else "none")
+        costs[name] = {"backbone_passes": 3 if mcfg.mirroring == "image" else 1, "ms_per_image": inference_ms(mcfg, base.threads)}
+    (out / "costs.json").write_text(json.dumps(costs, indent=2))
+    (out / "ABLATIONS.md").write_text(table(results, costs, base))
     return results
 
 
-def table(results: list[dict], base: TrainConfig) -> str:
-    """Markdown: one row per variant (mean ± spread over seeds), per-grade mHR@k, chance."""
+def table(results: list[dict], costs: dict[str, dict], base: TrainConfig) -> str:
+    """Markdown: a summary (micro and macro of every metric, cost) and one per-grade table per
+    metric; each cell is the mean over seeds ± half the spread, next to the chance level."""
     k = base.k
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
-    grades = [0, 1, 2, 3, 4]
-    head = (
-        f"| variant | seeds | mHR@{k} | macro mHR@{k} | mAP@{k} | AP@{k} | NDCG@{k} | "
-        + " | ".join(f"mHR@{k} g{g}" for g in grades)
-        + " | train s | passes | ms/img |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    chance = results[0]["report"]["chance"]
 
     def cell(values: list[float | None]) -> str:
         values = [v for v in values if v is not None]  # a grade can be absent from small query sets
@@ -127,30 +122,27 @@ def table(results: list[dict], base: TrainConfig) -> str:
             return "-"
         return f"{np.mean(values):.3f}" + (f" ± {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
 
-    for name, runs in by_variant.items():
-        reps = [r["report"] for r in runs]
-        row = [
-            name,
-            str(len(runs)),
-            cell([x["micro"]["mHR"] for x in reps]),
-            cell([x["macro"]["mHR"] for x in reps]),
-            cell([x["micro"]["mAP"] for x in reps]),
-            cell([x["micro"]["AP"] for x in reps]),
-            cell([x["micro"]["NDCG"] for x in reps]),
-            *[cell([x["per_grade"]["mHR"].get(str(g)) for x in reps]) for g in grades],
-            f"{np.mean([r['seconds'] for r in runs]):.0f}",
-            str(runs[0]["backbone_passes"]),
-            f"{runs[0]['ms_per_image']:.1f}",
+    def rows(head: list[str], body: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+    averages = [(m, avg) for m in metrics.METRICS for avg in ("micro", "macro")]
+    summary = [
+        [name, str(len(runs))]
+        + [cell([r["report"][avg][m] for r in runs]) for m, avg in averages]
+        + [f"{np.mean([r['seconds'] for r in runs]):.0f}", str(costs[name]["backbone_passes"]), f"{costs[name]['ms_per_image']:.1f}"]
+        for name, runs in by_variant.items()
+    ]
+    summary.append(["chance", ""] + [f"{chance[avg][m]:.3f}" for m, avg in averages] + ["", "", ""])
+    head = ["variant", "seeds", *(f"{m}@{k} {avg}" for m, avg in averages), "train s", "backbone passes", "ms/image"]
+    lines = rows(head, summary)
+    grades = [0, 1, 2, 3, 4]
+    for m in metrics.METRICS:
+        body = [
+            [name] + [cell([r["report"]["per_grade"][m].get(str(g)) for r in runs]) for g in grades]
+            for name, runs in by_variant.items()
         ]
-        lines.append("| " + " | ".join(row) + " |")
-    chance = results[0]["report"]["chance"]
-    per = chance["per_grade"]["mHR"]
-    lines.append(
-        f"| chance | | {chance['micro']['mHR']:.3f} | {chance['macro']['mHR']:.3f} | {chance['micro']['mAP']:.3f} | "
-        f"{chance['micro']['AP']:.3f} | {chance['micro']['NDCG']:.3f} | "
-        + " | ".join(cell([per.get(str(g))]) for g in grades)
-        + " | | | |"
-    )
+        body.append(["chance"] + [cell([chance["per_grade"][m].get(str(g))]) for g in grades])
+        lines += ["", f"{m}@{k} per query grade:", "", *rows(["variant", *(f"grade {g}" for g in grades)], body)]
     per_variant = ("out", "data", "cache_dir", "preprocess", "loss", "seed", "validate")  # set per run
     settings = {k2: v for k2, v in asdict(base).items() if k2 not in per_variant}
     return "\n".join(lines) + f"\n\nSchedule and settings shared by every trained variant: `{json.dumps(settings)}`\n"

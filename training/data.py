@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageFilter
 
 from fundus_sdk import labels
 from fundus_sdk.files import IMAGE_SUFFIXES
@@ -82,7 +82,9 @@ def augment(pil: Image.Image, rng: random.Random) -> Image.Image:
     Geometry: small rotation, scale and aspect changes, a horizontal flip (a flipped left eye
     is a plausible right eye; the model's mirror views are computed from whatever it is given,
     so no view can leak a label). Photometry, aimed at raw clinic photos: colour casts,
-    brightness, contrast, gamma, blur (lower-resolution cameras) and sensor noise.
+    brightness, contrast, gamma, dim and low-contrast exposures (few grey levels left, which
+    equalisation cannot restore), off-centre vignetting, blur (lower-resolution cameras) and
+    sensor noise.
     """
     w, h = pil.size
     if rng.random() < 0.5:
@@ -95,16 +97,25 @@ def augment(pil: Image.Image, rng: random.Random) -> Image.Image:
     pil = pil.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - w) // 2, (nh - h) // 2
     pil = pil.crop((left, top, left + w, top + h))
-    cast = np.array([rng.uniform(0.8, 1.2), rng.uniform(0.6, 1.1), rng.uniform(0.4, 1.1)])
     a = np.asarray(pil, dtype=np.float32) / 255.0
+    fov = a.max(axis=2) > 20 / 255  # photometry changes the field of view; the surround stays black
+    cast = np.array([rng.uniform(0.8, 1.2), rng.uniform(0.6, 1.1), rng.uniform(0.4, 1.1)])
     a = np.clip(a * cast * rng.uniform(0.7, 1.3), 0, 1) ** rng.uniform(0.7, 1.4)
-    pil = Image.fromarray((a * 255).astype(np.uint8))
-    pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(0.7, 1.3))
+    mean = a[fov].mean(axis=0) if fov.any() else 0.5
+    a = mean + (a - mean) * rng.uniform(0.6, 1.3)  # contrast around the field's mean colour
+    if rng.random() < 0.5:  # a dim exposure: fewer grey levels, which equalisation cannot restore
+        a *= rng.uniform(0.3, 1.0)
+    if rng.random() < 0.5:  # vignetting around a point near the centre
+        yy, xx = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]
+        cy, cx = rng.uniform(-0.2, 0.2), rng.uniform(-0.2, 0.2)
+        a *= np.clip(1 - rng.uniform(0.1, 0.45) * ((xx - cx) ** 2 + (yy - cy) ** 2), 0, 1)[..., None]
+    pil = Image.fromarray(np.rint(np.where(fov[..., None], np.clip(a, 0, 1), 0) * 255).astype(np.uint8))
     if rng.random() < 0.3:
         pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     if rng.random() < 0.3:
         noise = np.random.default_rng(rng.randrange(1 << 30)).normal(0, rng.uniform(2, 6), (h, w, 3))
-        pil = Image.fromarray(np.clip(np.asarray(pil, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+        noisy = np.asarray(pil, dtype=np.float32) + noise * fov[..., None]
+        pil = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     return pil
 
 
