@@ -37,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="model name (default fundus-<backbone>-<mirroring>)")
     p.add_argument("--version", default="0.1.0", help="model version (default 0.1.0)")
+    p.add_argument(
+        "--detail-size",
+        type=int,
+        metavar="N",
+        help="resample larger fields of view to N px first: your training photos' resolution, "
+        "when they were smaller than the photos the model will meet (the default model: 256)",
+    )
     p.set_defaults(precision="fp32")
     return p
 
@@ -55,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             verify_images=args.verify_images,
             name=args.name,
             version=args.version,
+            detail_size=args.detail_size,
         )
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)

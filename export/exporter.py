@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ def export_checkpoint(
     verify_images: ImageSource | None = None,
     name: str | None = None,
     version: str = "0.1.0",
+    detail_size: int | None = None,
 ) -> ExportReport:
     """Export a training checkpoint to `output` at `precision` and verify it against torch.
 
@@ -78,6 +79,7 @@ def export_checkpoint(
         verify_images=verify_images,
         name=name,
         version=version,
+        detail_size=detail_size,
     )[0]
 
 
@@ -90,6 +92,7 @@ def export_variants(
     verify_images: ImageSource | None = None,
     name: str | None = None,
     version: str = "0.1.0",
+    detail_size: int | None = None,
 ) -> list[ExportReport]:
     """Export one checkpoint at several precisions from one torch export, e.g.
     {"fp32": "m.onnx", "int8": "m-int8.onnx"}; reports in the same order.
@@ -97,7 +100,9 @@ def export_variants(
     calib: photographs (folder or files) for int8 calibration, of which `calib_limit` spread over
     the sorted list are used. verify_images: photographs for the parity check (default: the
     checkpoint's training data if present, else the EyePACS folder beside the repository).
-    name defaults to "fundus-<backbone>-<mirroring>".
+    name defaults to "fundus-<backbone>-<mirroring>". detail_size, when given, replaces the
+    training run's (see fundus_sdk.preprocess): set it to the training photos' resolution when
+    they were smaller than the photos the model will meet.
     A file only appears at its path once it passed verification; ExportError (one-line message)
     for an unusable checkpoint or a failed verification.
     """
@@ -107,6 +112,8 @@ def export_variants(
     if "int8" in outputs and calib is None:
         raise ExportError("int8 export needs calibration photographs (calib / --calib DIR)")
     ckpt = load_checkpoint(checkpoint)
+    if detail_size is not None:
+        ckpt = replace(ckpt, preprocess=replace(ckpt.preprocess, detail_size=detail_size))
     module = ckpt.module()
     preprocess = ckpt.preprocess
     images = load_images(verification_photos(ckpt, verify_images), preprocess)
@@ -133,7 +140,7 @@ def export_variants(
             version=version,
             precision=precision,
         )
-        meta[contract.FINGERPRINT] = fingerprint(model)
+        meta[contract.FINGERPRINT] = fingerprint(model, meta)
         write_metadata(model, meta)
         output = Path(output)
         cosines = write_verified(model, output, reference, images, precision)

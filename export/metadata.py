@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +26,22 @@ EYEPACS_TERMS = (
 )
 
 
-def fingerprint(model: onnx.ModelProto) -> str:
-    """sha256 hex over the graph's initializers, sorted by name.
+def fingerprint(model: onnx.ModelProto, metadata: Mapping[str, str]) -> str:
+    """sha256 hex over the graph's initializers, sorted by name, then the preprocessing entries
+    (`preprocess.*`) of `metadata`, sorted by key.
 
     Each initializer contributes JSON [name, ONNX data type, dims], a newline, the byte length
     (8 bytes, little-endian) and its values as little-endian bytes, whatever field they are
-    stored in. Any change of weights, precision or quantisation changes the fingerprint.
+    stored in; the preprocessing entries then contribute their JSON. Any change of weights,
+    precision, quantisation or preprocessing (the same weights fed differently give other
+    vectors) changes the fingerprint, so case indexes refuse the mix.
     """
     h = hashlib.sha256()
     for t in sorted(model.graph.initializer, key=lambda t: t.name):
         data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
         h.update(json.dumps([t.name, t.data_type, list(t.dims)]).encode() + b"\n")
         h.update(len(data).to_bytes(8, "little") + data)
+    h.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k.startswith("preprocess."))).encode())
     return h.hexdigest()
 
 

@@ -11,7 +11,7 @@ from .errors import CaseIndexError, FundusError, ImageError, ModelError, ModelMi
 from .index import Hit, Index, search
 from .model import Model, embed, load_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "embed",

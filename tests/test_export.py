@@ -157,7 +157,9 @@ def test_metadata_round_trips_through_onnxruntime(lite0):
     assert json.loads(meta[contract.TRAINING_DATA]) == json.loads(json.dumps(state["data"]))
     assert "EyePACS" in meta[contract.LICENCE] and "non-commercial" in meta[contract.LICENCE]
     assert "Apache-2.0" in meta[contract.LICENCE]
-    assert meta[contract.FINGERPRINT] == fingerprint(onnx.load(report.path))
+    assert meta[contract.FINGERPRINT] == fingerprint(onnx.load(report.path), meta)
+    other_feeding = {**meta, "preprocess.detail_size": "128"}  # same weights, other preprocessing
+    assert fingerprint(onnx.load(report.path), other_feeding) != meta[contract.FINGERPRINT]
 
 
 def test_metadata_defaults_and_overrides(tiny, lite0):
@@ -211,7 +213,7 @@ def test_cli_exports_fp16_with_float32_io(tiny, tmp_path, photos, capsys):
     assert out.stat().st_size < 0.6 * fp32.path.stat().st_size
     meta = read_metadata(out)
     assert meta[contract.PRECISION] == "fp16"
-    assert meta[contract.FINGERPRINT] == fingerprint(model) != fp32.metadata[contract.FINGERPRINT]
+    assert meta[contract.FINGERPRINT] == fingerprint(model, meta) != fp32.metadata[contract.FINGERPRINT]
     pp = Preprocess.from_metadata(meta)
     x = np.stack([pp(f) for f in photos])
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]

@@ -11,6 +11,7 @@ from PIL import Image
 from fundus_sdk.errors import ImageError
 from fundus_sdk.preprocess import (
     Preprocess,
+    crop_to_fov,
     decode,
     equalise_channels,
     fov_box,
@@ -82,6 +83,15 @@ def test_equalisation_makes_exposure_and_cast_changes_vanish(retina):
     apart_v2 = close(PP(retina), PP(other))
     assert apart_v2 < 0.6 * apart_v1
     assert structure(PP(retina), PP(other)) > 0.97
+
+
+def test_detail_size_resamples_only_larger_fields_of_view(retina):
+    capped = Preprocess(detail_size=200)
+    small = retina.resize((180, 180))  # field of view below the cap: untouched
+    assert (capped(small) == PP(small)).all()
+    big = capped(retina)  # 1411 px: as if the photo had been 200 px
+    assert (big == PP(crop_to_fov(retina).resize((200, 200), Image.BICUBIC))).all()
+    assert close(big, PP(retina)) > 1.0  # and that differs from using every pixel
 
 
 def test_equalise_channels_is_rank_based_and_masked():
@@ -204,8 +214,11 @@ def test_lcn_output_is_scale_free():
 def test_metadata_round_trip_and_unknown_recipe():
     pp = Preprocess(size=224, lcn_sigma=0.05, lcn_gain=20.0)
     assert Preprocess.from_metadata(pp.to_metadata()) == pp
+    capped = Preprocess(detail_size=256)
+    assert Preprocess.from_metadata(capped.to_metadata()) == capped
     v1 = Preprocess(size=224, equalise=False)  # models exported before recipe v2 keep working
-    assert v1.to_metadata()["preprocess.recipe"] == "fov-stretch-lcn-v1"
-    assert Preprocess.from_metadata(v1.to_metadata()) == v1
+    v1_meta = {k: v for k, v in v1.to_metadata().items() if k != "preprocess.detail_size"}
+    assert v1_meta["preprocess.recipe"] == "fov-stretch-lcn-v1"
+    assert Preprocess.from_metadata(v1_meta) == v1
     with pytest.raises(ValueError, match="recipe"):
         Preprocess.from_metadata({**pp.to_metadata(), "preprocess.recipe": "other"})
