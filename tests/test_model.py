@@ -67,9 +67,10 @@ def test_paths_pil_images_and_arrays_mix(model, photos):
 def test_png_and_jpeg_of_one_photo_embed_alike(model, tmp_path):
     """The same photo, whatever its file format, size or JPEG settings.
 
-    Measured with the bundled model on this photo: a quality-95 JPEG with full (4:4:4) or
-    half-horizontal (4:2:2) chroma 0.992, quality 90 4:4:4 0.991; with quarter chroma (4:2:0)
-    0.987; resized to 700 px 0.970. High-quality JPEGs must reach 0.99.
+    Measured with the bundled model 0.2.0 on this photo, cosine to the PNG: a quality-95 JPEG
+    with full (4:4:4) chroma 0.992, half-horizontal (4:2:2) 0.986, quarter (4:2:0) 0.987; resized
+    to 700 px 0.977 (0.1.0: 0.992, 0.992, 0.987, 0.970). Unrelated photos sit at 0.56 (95th
+    percentile 0.66). High-quality JPEGs must reach 0.98.
     """
     photo = Image.open(RETINA).convert("RGB")
     photo.save(tmp_path / "r.png")
@@ -80,8 +81,7 @@ def test_png_and_jpeg_of_one_photo_embed_alike(model, tmp_path):
     names = ["r.png", "q95.jpg", "q95-422.jpg", "q95-420.jpg", "small.jpg"]
     v = model.embed([tmp_path / n for n in names])
     png, full, half, quarter, small = v
-    assert png @ full >= 0.99 and png @ half >= 0.99
-    assert png @ quarter >= 0.98
+    assert png @ full >= 0.98 and png @ half >= 0.98 and png @ quarter >= 0.98
     assert png @ small >= 0.96
 
 
