@@ -88,7 +88,7 @@ def run(base: TrainConfig, model_cfg: ModelConfig, out: Path, variants: list[str
                 continue
             started = time.time()
             if spec is None:
-                report, mcfg = untrained_report(base, model_cfg), replace(model_cfg, mirroring="none")
+                report = untrained_report(base, model_cfg)
             else:
                 mcfg = replace(model_cfg, mirroring=spec["mirroring"])
                 cfg = replace(base, out=str(out / f"{name}-seed{seed}"), seed=seed, loss=spec["loss"], validate=False)
