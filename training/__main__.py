@@ -9,6 +9,7 @@ from pathlib import Path
 from .ablate import VARIANTS
 from .losses import LOSSES
 from .model import MIRRORING, ModelConfig
+from .train import TrainConfig, train
 
 
 def add_common(p: argparse.ArgumentParser, out: str) -> None:
@@ -19,19 +20,19 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the auxiliary grade classifier (0: off)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--aug-views", type=int, default=2, help="augmented views cached per training image")
-    p.add_argument("--batch-size", type=int, default=60)
-    p.add_argument("--balance-power", type=float, default=0.5, help="grade quotas per batch ~ count**power (0: uniform)")
-    p.add_argument("--batches-per-epoch", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr", type=float, default=3e-4)
-    p.add_argument("--data-seed", type=int, default=0, help="validation split and augmentation pool")
-    p.add_argument("--limit", type=int, default=0, help="use only N images per split (smoke runs)")
+    p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight, help="weight of the auxiliary grade classifier (0: off)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--aug-views", type=int, default=TrainConfig.aug_views, help="augmented views cached per training image")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--balance-power", type=float, default=TrainConfig.balance_power, help="grade quotas per batch ~ count**power (0: uniform)")
+    p.add_argument("--batches-per-epoch", type=int, default=TrainConfig.batches_per_epoch)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
+    p.add_argument("--data-seed", type=int, default=TrainConfig.data_seed, help="validation split and augmentation pool")
+    p.add_argument("--limit", type=int, default=TrainConfig.limit, help="use only N images per split (smoke runs)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    p.add_argument("--cache-dir", default="runs/cache")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", default=TrainConfig.cache_dir)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common(t, out="runs/default")
     t.add_argument("--mirroring", choices=MIRRORING, default=ModelConfig.mirroring)
-    t.add_argument("--loss", choices=LOSSES, default="fine")
-    t.add_argument("--seed", type=int, default=0, help="initialisation, batch sampling, view choice")
+    t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
+    t.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation, batch sampling, view choice")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--stop-after", type=int, default=0, help="stop after N epochs of this invocation (then --resume)")
     a = sub.add_parser(
@@ -59,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a.add_argument("--seeds", nargs="+", type=int, default=[0])
     args = parser.parse_args(argv)
-
-    from .train import TrainConfig, train
 
     model_cfg = ModelConfig(
         backbone=args.backbone,
