@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,19 @@ def test_interrupted_and_resumed_run_repeats_the_same_seeded_run(tiny_run, tiny_
     resumed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     assert resumed["epoch"] == 2 and "resumed from" in (tmp_path / "b" / "log.txt").read_text()
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(reference, rel=1e-4)
+
+
+def test_the_trunk_cache_is_found_whatever_the_spelling_of_the_image_paths(tiny_run, tiny_data, tmp_path):
+    cfg, _ = tiny_run
+    cache = Path(cfg.cache_dir)
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    with open(tiny_data, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # the same images, named relative to another folder
+        row["image"] = os.path.relpath(row["image"], tmp_path)
+    relative = write_csv(tmp_path / "labels.csv", rows, list(rows[0]))
+    train(tiny_config(relative, tmp_path / "c", cache, stop_after=1), ModelConfig(dim=64, input_size=128))
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before  # nothing recomputed
 
 
 def test_ablation_runner_trains_evaluates_and_tabulates(tiny_data, tmp_path):

@@ -93,7 +93,8 @@ def _prepare(job: tuple[str, int, int, dict]) -> np.ndarray | str:
     try:
         pil, _ = decode(path, draft_size=2 * pp.size)
         if view > 0:
-            pil = augment(pil, random.Random(f"{data_seed}:{view}:{path}"))
+            # keyed by file name, so a view does not depend on how the data folder was spelt
+            pil = augment(pil, random.Random(f"{data_seed}:{view}:{Path(path).name}"))
         return pp.from_pil(pil)
     except ImageError as exc:
         return str(exc)
@@ -112,8 +113,12 @@ class TrunkCache:
         self.root = Path(cfg.cache_dir) / self.key
 
     def get(self, records: list[Record], view: int) -> tuple[np.ndarray, np.ndarray]:
-        """(maps, ok) for `records` in `view` (0 = clean); failed images have ok=False."""
-        names = hashlib.sha256("\n".join(str(r.path) for r in records).encode()).hexdigest()[:16]
+        """(maps, ok) for `records` in `view` (0 = clean); failed images have ok=False.
+
+        Files are named by the images' absolute paths: the same data reached through a relative
+        or an absolute path, from any directory, finds the same cache.
+        """
+        names = hashlib.sha256("\n".join(str(r.path.resolve()) for r in records).encode()).hexdigest()[:16]
         stem = self.root / f"{names}-view{view}-seed{self.cfg.data_seed if view else 0}"
         maps_file, ok_file = stem.with_suffix(".npy"), stem.with_suffix(".ok.npy")
         if maps_file.exists() and ok_file.exists():
