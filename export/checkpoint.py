@@ -70,8 +70,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not timm.is_model(config.backbone):
         raise ExportError(f"{path}: unknown timm backbone {config.backbone!r} in model_config")
     params = dict((state.get("train_config") or {}).get("preprocess") or {})
-    if params:
-        params.setdefault("equalise", False)  # runs from before recipe v2 did not equalise
+    if params and "recipe" not in params:  # runs from before recipe v3 recorded `equalise`
+        params["recipe"] = 2 if params.pop("equalise", False) else 1
     try:
         preprocess = Preprocess(**(params | {"size": config.input_size}))
     except TypeError as exc:

@@ -14,11 +14,16 @@ Steps, in order:
    photos: detail finer than the model ever saw is a change of domain, not information (the raw
    CC0 retina photo against an EyePACS-style copy of itself: cosine 0.777 at full detail, 0.852
    through 256 px, with the 256 px-trained default model);
-4. histogram-equalise each colour channel inside the field of view (recipe v2). The EyePACS
+4. find the field of view: pixels brighter than the surround, eroded by ~1% of the side to drop
+   the rim, then filled row by row and column by column (recipe v3), so dark structures inside
+   the disc (the fovea, vessels, haemorrhages, shaded periphery) stay in it. Recipes v1 and v2
+   left them out: they were equalised as surround and flattened to grey by step 6, and the
+   mask, hence the whole output, changed with the exposure;
+5. histogram-equalise each colour channel inside the field of view (recipe v2 on). The EyePACS
    training photos were published equalised this way (every channel's deciles inside the field
    of view sit near 40/76/136/196/231 whatever the camera); equalising a raw photo puts it in the
    same space and undoes any monotone per-channel change: colour cast, gain, gamma, contrast;
-5. local contrast normalisation inside the field of view: subtract the local mean colour
+6. local contrast normalisation inside the field of view: subtract the local mean colour
    (a Gaussian of `sigma` x size pixels, computed only from field-of-view pixels) and scale by
    the image's own contrast. This removes slow shading (vignetting, uneven illumination) and
    keeps vessels and lesions. Outside the field of view the output is mid-grey (128).
@@ -42,7 +47,7 @@ from .errors import ImageError, describe
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
-RECIPES = {"fov-stretch-lcn-v1": False, "fov-stretch-equalise-lcn-v2": True}  # name -> equalise
+RECIPES = {1: "fov-stretch-lcn-v1", 2: "fov-stretch-equalise-lcn-v2", 3: "fov-filled-equalise-lcn-v3"}
 FOV_THUMBNAIL = 1024
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
 
@@ -54,8 +59,12 @@ class Preprocess:
     size: int = 256
     lcn_sigma: float = 1 / 30
     lcn_gain: float = 32.0
-    equalise: bool = True  # False reproduces recipe v1 (models exported before 0.2)
+    recipe: int = 3  # 1 and 2 reproduce the preprocessing of models exported before 0.2 and 0.3
     detail_size: int = 0  # >0: larger fields of view are first resampled to this many pixels
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown preprocessing recipe {self.recipe!r}; this runtime knows {sorted(RECIPES)}")
 
     def __call__(self, image: ImageInput) -> np.ndarray:
         return self.load(image)[0]
@@ -74,18 +83,14 @@ class Preprocess:
         if self.detail_size and max(fov.size) > self.detail_size:
             fov = fov.resize((self.detail_size, self.detail_size), Image.BICUBIC)
         square = np.asarray(fov.resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
-        mask = fov_mask(square)
-        if self.equalise:
+        mask = fov_mask(square, fill=self.recipe >= 3)
+        if self.recipe >= 2:
             square = equalise_channels(square, mask)
         return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask)
 
-    @property
-    def recipe(self) -> str:
-        return next(name for name, equalise in RECIPES.items() if equalise == self.equalise)
-
     def to_metadata(self) -> dict[str, str]:
         return {
-            "preprocess.recipe": self.recipe,
+            "preprocess.recipe": RECIPES[self.recipe],
             "preprocess.size": str(self.size),
             "preprocess.lcn_sigma": repr(self.lcn_sigma),
             "preprocess.lcn_gain": repr(self.lcn_gain),
@@ -94,14 +99,15 @@ class Preprocess:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
-        recipe = meta.get("preprocess.recipe")
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown preprocessing recipe {recipe!r}; this runtime knows {sorted(RECIPES)}")
+        name = meta.get("preprocess.recipe")
+        recipe = next((number for number, known in RECIPES.items() if known == name), None)
+        if recipe is None:
+            raise ValueError(f"unknown preprocessing recipe {name!r}; this runtime knows {sorted(RECIPES.values())}")
         return cls(
             size=int(meta["preprocess.size"]),
             lcn_sigma=float(meta["preprocess.lcn_sigma"]),
             lcn_gain=float(meta["preprocess.lcn_gain"]),
-            equalise=RECIPES[recipe],
+            recipe=recipe,
             detail_size=int(meta.get("preprocess.detail_size", 0)),
         )
 
@@ -229,13 +235,26 @@ def _gaussian_sum(a: np.ndarray, sigma: float) -> np.ndarray:
     return a
 
 
-def fov_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean mask of the field of view in a square uint8 image, eroded by ~1% of its side."""
+def fov_mask(rgb: np.ndarray, fill: bool = True) -> np.ndarray:
+    """Boolean mask of the field of view in a square uint8 image, eroded by ~1% of its side.
+
+    With `fill`, every row and column is filled from its first to its last field-of-view pixel:
+    the field of view is convex, so this keeps dark structures inside it (and dark notches at
+    its edge) while the erosion has already removed specks and text in the surround.
+    """
     lum = rgb.max(axis=2).astype(np.float32)
     mask = (lum > max(10.0, 0.08 * float(np.percentile(lum, 99)))).astype(np.float32)
     r = max(1, rgb.shape[0] // 100)
-    inside = _box_sum(_box_sum(mask, r, 0), r, 1)
-    return inside >= (2 * r + 1) ** 2 - 0.5
+    inside = _box_sum(_box_sum(mask, r, 0), r, 1) >= (2 * r + 1) ** 2 - 0.5
+    return _fill_spans(inside) | _fill_spans(inside.T).T if fill else inside
+
+
+def _fill_spans(mask: np.ndarray) -> np.ndarray:
+    """Each row of `mask` set from its first to its last True pixel (rows with none stay empty)."""
+    cols = np.arange(mask.shape[1])
+    first = mask.argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+    return (cols >= first[:, None]) & (cols <= last[:, None]) & mask.any(axis=1)[:, None]
 
 
 def equalise_channels(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:

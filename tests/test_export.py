@@ -22,6 +22,7 @@ import torch
 
 from export import ExportError, compare_variants, export_checkpoint, export_variants, fingerprint, read_metadata
 from export.__main__ import main as cli_main
+from export.checkpoint import load_checkpoint
 from export.graph import attention_shape_ops, node_counts
 from export.verify import cosine, verify
 from fundus_sdk import contract, metrics
@@ -276,6 +277,16 @@ def test_bad_checkpoint_contents_exit_2(tmp_path, capsys, change, message):
     assert cli_main([str(path), "-o", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("recorded, recipe", [({"equalise": True}, 2), ({"equalise": False}, 1), ({}, 1)])
+def test_checkpoints_from_before_recipe_v3_keep_their_preprocessing(tmp_path, recorded, recipe):
+    """Runs before 0.3 recorded `equalise` (0.2) or nothing of it (0.1) instead of a recipe number."""
+    net = trained_like(TINY, pretrained=False)
+    params = {"size": 128, "lcn_sigma": 1 / 30, "lcn_gain": 32.0} | recorded
+    state = {"model": net.state_dict(), "model_config": TINY.to_dict(), "train_config": {"preprocess": params}}
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").preprocess == Preprocess(size=128, recipe=recipe)
 
 
 def test_missing_checkpoint_and_missing_calibration(tmp_path, capsys):

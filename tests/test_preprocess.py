@@ -75,10 +75,10 @@ def test_camera_colour_cast_is_normalised_away(retina):
 
 
 def test_equalisation_makes_exposure_and_cast_changes_vanish(retina):
-    """A darker, flatter, orange exposure of the same eye: recipe v2 maps it (nearly) back."""
+    """A darker, flatter, orange exposure of the same eye: equalisation maps it (nearly) back."""
     a = np.asarray(retina).astype(float) / 255
     other = (255 * (0.75 * a) ** 1.3 * [1.0, 0.8, 0.6]).astype(np.uint8)
-    v1 = Preprocess(equalise=False)
+    v1 = Preprocess(recipe=1)
     apart_v1 = close(v1(retina), v1(other))
     apart_v2 = close(PP(retina), PP(other))
     assert apart_v2 < 0.6 * apart_v1
@@ -112,6 +112,22 @@ def test_fov_mask_is_the_disc_without_its_rim(retina):
     mask = fov_mask(square)
     assert not mask[0, 0] and not mask[-1, -1] and mask[128, 128]
     assert 0.6 < mask.mean() < 0.8  # a disc filling its box covers pi/4 = 0.785, less the rim
+
+
+def test_fov_mask_keeps_dark_structures_inside_the_disc(retina):
+    """A dark fovea or haemorrhage is field of view, not surround, whatever the exposure (recipe v3)."""
+    square = np.array(retina.resize((256, 256)))
+    square[100:130, 140:170] = 3  # a dark blob inside the disc
+    square[120:128, 20:26] = 3  # and a dark notch at its edge
+    filled, holed = fov_mask(square), fov_mask(square, fill=False)
+    assert not holed[115, 155] and filled[115, 155]
+    assert not holed[124, 23] and filled[124, 23]
+    assert not filled[0, 0] and not filled[-1, -1]
+    assert (filled >= holed).all() and filled.mean() - holed.mean() < 0.03
+    disc = np.asarray(retina.resize((256, 256))).max(axis=2) > 20  # lift the blacks inside the disc only
+    lifted = np.where(disc[..., None], 90 + 0.45 * square, 0).astype(np.uint8)
+    assert (fov_mask(lifted) != filled).mean() < 0.005
+    assert (fov_mask(lifted, fill=False) != holed).mean() > 0.01  # the v2 mask moved with the exposure
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
@@ -216,9 +232,14 @@ def test_metadata_round_trip_and_unknown_recipe():
     assert Preprocess.from_metadata(pp.to_metadata()) == pp
     capped = Preprocess(detail_size=256)
     assert Preprocess.from_metadata(capped.to_metadata()) == capped
-    v1 = Preprocess(size=224, equalise=False)  # models exported before recipe v2 keep working
+    v1 = Preprocess(size=224, recipe=1)  # models exported before recipes v2 and v3 keep working
     v1_meta = {k: v for k, v in v1.to_metadata().items() if k != "preprocess.detail_size"}
     assert v1_meta["preprocess.recipe"] == "fov-stretch-lcn-v1"
     assert Preprocess.from_metadata(v1_meta) == v1
+    v2 = Preprocess(recipe=2, detail_size=256)
+    assert v2.to_metadata()["preprocess.recipe"] == "fov-stretch-equalise-lcn-v2"
+    assert Preprocess.from_metadata(v2.to_metadata()) == v2
+    with pytest.raises(ValueError, match="recipe"):
+        Preprocess(recipe=4)
     with pytest.raises(ValueError, match="recipe"):
         Preprocess.from_metadata({**pp.to_metadata(), "preprocess.recipe": "other"})
