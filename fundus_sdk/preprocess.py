@@ -59,7 +59,7 @@ class Preprocess:
     size: int = 256
     lcn_sigma: float = 1 / 30
     lcn_gain: float = 32.0
-    recipe: int = 3  # 1 and 2 reproduce the preprocessing of models exported before 0.2 and 0.3
+    recipe: int = 2  # the bundled model's; 1 for models before 0.2; 3 also fills the field of view
     detail_size: int = 0  # >0: larger fields of view are first resampled to this many pixels
 
     def __post_init__(self) -> None:

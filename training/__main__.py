@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+from fundus_sdk.preprocess import RECIPES, Preprocess
 
 from .ablate import VARIANTS
 from .losses import LOSSES
@@ -20,6 +23,11 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
+    p.add_argument(
+        "--recipe", type=int, choices=sorted(RECIPES), default=Preprocess.recipe,
+        help="preprocessing recipe (fundus_sdk/preprocess.py): 2 made the bundled model; 3 also keeps dark "
+        "structures inside the field of view",
+    )
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight, help="weight of the auxiliary grade classifier (0: off)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--aug-views", type=int, default=TrainConfig.aug_views, help="augmented views cached per training image")
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_after=getattr(args, "stop_after", 0),
         cache_dir=args.cache_dir,
         threads=args.threads,
+        preprocess=asdict(Preprocess(recipe=args.recipe)),
     )
     if args.command == "ablate":
         from .ablate import run
