@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     t.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation, batch sampling, view choice")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--stop-after", type=int, default=0, help="stop after N epochs of this invocation (then --resume)")
+    t.add_argument("--stop-after", type=int, default=TrainConfig.stop_after, help="stop after N epochs of this invocation (then --resume)")
     a = sub.add_parser(
         "ablate",
         help="train and evaluate every ablation variant on one schedule",
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         batches_per_epoch=args.batches_per_epoch,
         lr=args.lr,
         backbone_lr=args.backbone_lr,
-        loss=getattr(args, "loss", "fine"),
+        loss=getattr(args, "loss", TrainConfig.loss),
         aux_weight=args.aux_weight,
-        seed=getattr(args, "seed", 0),
+        seed=getattr(args, "seed", TrainConfig.seed),
         data_seed=args.data_seed,
         pretrained=not args.no_pretrained,
         limit=args.limit,
-        stop_after=getattr(args, "stop_after", 0),
+        stop_after=getattr(args, "stop_after", TrainConfig.stop_after),
         cache_dir=args.cache_dir,
         threads=args.threads,
         preprocess=asdict(Preprocess(recipe=args.recipe)),
