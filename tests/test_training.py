@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from fundus_sdk.preprocess import Preprocess
 from training.data import LabelError, read_labels
 from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
+from training.probe import auc, linear_probe
 from training.train import TrainConfig, train
 from training.weights import WeightsUnavailable, imagenet_state_dict
 from tests.shared import FIXTURES, eyepacs_sample
@@ -222,3 +224,64 @@ def test_ablation_runner_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     assert table.count("per query grade") == 4  # mHR, mAP, AP, NDCG
     again = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["gem-fine"], [0])
     assert len(again) == 2  # finished runs are kept, not repeated
+
+
+@pytest.mark.parametrize("command", ["train", "ablate", "probe"])
+def test_command_line_defaults_are_the_configs_defaults_and_every_option_reaches_them(command):
+    from training.__main__ import build_parser, configs
+
+    args = build_parser().parse_args([command, "--data", "somewhere"])
+    cfg, model_cfg = configs(args)
+    assert model_cfg == ModelConfig()
+    expected = TrainConfig(data="somewhere", preprocess=asdict(Preprocess()))
+    assert replace(cfg, out=expected.out) == expected
+    # an option whose name is no config field would be dropped silently by configs()
+    field_names = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
+    handled_elsewhere = {"command", "recipe", "no_pretrained", "resume", "variants", "seeds", "checkpoint"}
+    assert set(vars(args)) - field_names <= handled_elsewhere
+
+
+def test_command_line_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path, capsys):
+    from training.__main__ import main
+
+    missing = tmp_path / "nowhere" / "labels.csv"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {missing}: cannot read label file (No such file or directory)"
+    assert main(["probe", "--data", str(missing), "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.pt'}: no such checkpoint file"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(missing), "--dim", "999"])
+    assert exit_info.value.code == 2 and "descriptor dimension must be 1..512" in capsys.readouterr().err
+
+
+def test_linear_probe_finds_a_grade_written_into_the_features_and_nothing_in_noise():
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, 1000)
+    noise = rng.normal(size=(1000, 16))
+    signal = noise.copy()
+    signal[:, 3] += 1.5 * grades  # one feature carries the grade
+    fit, held_out = slice(0, 700), slice(700, None)
+    for features, low, high in ((signal, 0.95, 1.0), (noise, 0.35, 0.65)):
+        logp = linear_probe(features[fit], grades[fit], features[held_out])
+        score, truth = logp[:, 2] - logp[:, 0], grades[held_out]
+        assert low <= auc(score[truth == 2], score[truth == 0]) <= high
+    assert auc(np.array([1.0, 2.0]), np.array([1.0])) == 0.75  # a tie counts half
+
+
+def test_probe_of_a_checkpoint_reuses_its_training_cache_and_reports_every_grade(tiny_run, tiny_data, tmp_path, capsys):
+    from training.__main__ import main
+
+    cfg, best = tiny_run
+    cache = Path(cfg.cache_dir)
+    before = sorted(cache.rglob("*"))
+    assert main(["probe", "--data", str(tiny_data), "--checkpoint", str(best), "--cache-dir", str(cache)]) == 0
+    assert sorted(cache.rglob("*")) == before  # the run's own trunk maps, not recomputed ones
+    out = capsys.readouterr().out
+    table = out[out.index("grade  queries") :].splitlines()[1:6]
+    assert [int(row.split()[0]) for row in table] == [0, 1, 2, 3, 4]
+    with open(tiny_data, newline="") as f:
+        tests = sum(row["split"] == "test" for row in csv.DictReader(f))
+    assert sum(int(row.split()[1]) for row in table) == tests  # every test photo, none twice
+    assert all(0 <= float(row.split()[3]) <= 1 for row in table[1:])
+    assert main(["probe", "--data", str(tiny_data), "--input-size", "128", "--cache-dir", str(tmp_path)]) == 0
+    assert "(ImageNet, untrained)" in capsys.readouterr().out  # no checkpoint: the untrained backbone

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
+from export.checkpoint import ExportError
+from fundus_sdk.labels import LabelError
 from fundus_sdk.preprocess import RECIPES, Preprocess
 
 from .ablate import VARIANTS
 from .losses import LOSSES
 from .model import MIRRORING, ModelConfig
 from .train import TrainConfig, train
+from .weights import WeightsUnavailable
 
 
-def add_common(p: argparse.ArgumentParser, out: str) -> None:
-    """Options shared by `train` and `ablate`: data, model shape, schedule, resources."""
+def add_data_and_model(p: argparse.ArgumentParser) -> None:
+    """Options of every command: the data, the model's shape, resources."""
     p.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
-    p.add_argument("--out", default=out, help="output folder (logs, checkpoints)")
     p.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
-    p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
     p.add_argument(
@@ -28,6 +29,16 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
         help="preprocessing recipe (fundus_sdk/preprocess.py): 2 made the bundled model; 3 also keeps dark "
         "structures inside the field of view",
     )
+    p.add_argument("--data-seed", type=int, default=TrainConfig.data_seed, help="validation split and augmentation pool")
+    p.add_argument("--limit", type=int, default=TrainConfig.limit, help="use only N images per split (smoke runs)")
+    p.add_argument("--cache-dir", default=TrainConfig.cache_dir)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads)
+
+
+def add_schedule(p: argparse.ArgumentParser, out: str) -> None:
+    """Options shared by `train` and `ablate`: outputs, descriptor, schedule."""
+    p.add_argument("--out", default=out, help="output folder (logs, checkpoints)")
+    p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight, help="weight of the auxiliary grade classifier (0: off)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--aug-views", type=int, default=TrainConfig.aug_views, help="augmented views cached per training image")
@@ -36,14 +47,10 @@ def add_common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--batches-per-epoch", type=int, default=TrainConfig.batches_per_epoch)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
-    p.add_argument("--data-seed", type=int, default=TrainConfig.data_seed, help="validation split and augmentation pool")
-    p.add_argument("--limit", type=int, default=TrainConfig.limit, help="use only N images per split (smoke runs)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
-    p.add_argument("--cache-dir", default=TrainConfig.cache_dir)
-    p.add_argument("--threads", type=int, default=TrainConfig.threads)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Train the mirror-attention model. Example: python -m training train "
         "--data ../shared/data/eyepacs256 --out runs/default",
     )
-    add_common(t, out="runs/default")
+    add_data_and_model(t)
+    add_schedule(t, out="runs/default")
     t.add_argument("--mirroring", choices=MIRRORING, default=ModelConfig.mirroring)
     t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     t.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation, batch sampling, view choice")
@@ -64,46 +72,56 @@ def main(argv: list[str] | None = None) -> int:
         description="Ablations (see training/ablate.py). Example: python -m training ablate "
         "--data ../shared/data/eyepacs256 --out runs/ablations --epochs 4 --seeds 0 1",
     )
-    add_common(a, out="runs/ablations")
+    add_data_and_model(a)
+    add_schedule(a, out="runs/ablations")
     a.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     a.add_argument("--seeds", nargs="+", type=int, default=[0])
-    args = parser.parse_args(argv)
-
-    model_cfg = ModelConfig(
-        backbone=args.backbone,
-        dim=args.dim,
-        mirroring=getattr(args, "mirroring", ModelConfig.mirroring),
-        frozen_blocks=args.frozen_blocks,
-        input_size=args.input_size,
+    r = sub.add_parser(
+        "probe",
+        help="how well a model's features tell each grade from grade 0 (linear probe)",
+        description="Grade probe (see training/probe.py). Example: python -m training probe "
+        "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
     )
+    add_data_and_model(r)
+    r.add_argument("--checkpoint", help="a training checkpoint (default: the untrained ImageNet backbone)")
+    return parser
+
+
+def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
+    """The run's configurations: option names are the fields' names, and a command sets only the
+    options it has (the rest keep the dataclasses' defaults)."""
+    opts = vars(args)
+    model_cfg = ModelConfig(**{f.name: opts[f.name] for f in fields(ModelConfig) if f.name in opts})
     cfg = TrainConfig(
-        data=args.data,
-        out=args.out,
-        epochs=args.epochs,
-        aug_views=args.aug_views,
-        batch_size=args.batch_size,
-        balance_power=args.balance_power,
-        batches_per_epoch=args.batches_per_epoch,
-        lr=args.lr,
-        backbone_lr=args.backbone_lr,
-        loss=getattr(args, "loss", TrainConfig.loss),
-        aux_weight=args.aux_weight,
-        seed=getattr(args, "seed", TrainConfig.seed),
-        data_seed=args.data_seed,
-        pretrained=not args.no_pretrained,
-        limit=args.limit,
-        stop_after=getattr(args, "stop_after", TrainConfig.stop_after),
-        cache_dir=args.cache_dir,
-        threads=args.threads,
+        **{f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts},
+        pretrained=not opts.get("no_pretrained", False),
         preprocess=asdict(Preprocess(recipe=args.recipe)),
     )
-    if args.command == "ablate":
-        from .ablate import run
+    return cfg, model_cfg
 
-        run(cfg, model_cfg, Path(args.out), args.variants, args.seeds)
-        print((Path(args.out) / "ABLATIONS.md").read_text())
-    else:
-        train(cfg, model_cfg, resume=args.resume)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg, model_cfg = configs(args)
+    except ValueError as exc:  # a value the configurations refuse, e.g. --dim 999
+        parser.error(str(exc))
+    try:
+        if args.command == "ablate":
+            from .ablate import run
+
+            run(cfg, model_cfg, Path(args.out), args.variants, args.seeds)
+            print((Path(args.out) / "ABLATIONS.md").read_text())
+        elif args.command == "probe":
+            from .probe import format_probe, probe
+
+            print(format_probe(probe(cfg, model_cfg, args.checkpoint)))
+        else:
+            train(cfg, model_cfg, resume=args.resume)
+    except (LabelError, WeightsUnavailable, ExportError) as exc:  # bad input: the message names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,7 +28,7 @@ import torch
 from fundus_sdk import metrics
 
 from .model import FundusNet, ModelConfig
-from .train import TrainConfig, TrunkCache, split_records, train
+from .train import TrainConfig, clean_maps_by_split, embed_maps, train
 
 VARIANTS: dict[str, dict | None] = {
     "imagenet-gem": None,
@@ -44,23 +44,11 @@ def untrained_report(cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
     """Variant 1: GeM over the ImageNet backbone's last feature map, no projection, no training."""
     torch.set_num_threads(cfg.threads)
     net = FundusNet(replace(model_cfg, mirroring="none"), pretrained=True).eval()
-    fit_recs, val_recs, test_recs = split_records(cfg)
-    everyone = fit_recs + val_recs + test_recs
-    maps, ok = TrunkCache(net, cfg, print).get(everyone, 0)
-    is_test = np.repeat([False, True], [len(fit_recs) + len(val_recs), len(test_recs)])
-    grades = np.array([r.grade for r in everyone])
-
-    def embed(idx: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(idx), 128):
-                x = torch.from_numpy(np.asarray(maps[idx[i : i + 128]], dtype=np.float32))
-                out.append(torch.nn.functional.normalize(net.pool(net.tail(x)), dim=1).numpy())
-        return np.concatenate(out)
-
-    gallery, queries = np.flatnonzero(ok & ~is_test), np.flatnonzero(ok & is_test)
-    ranked = metrics.rank_exact(embed(queries), embed(gallery), cfg.k)
-    return metrics.evaluate(grades[queries], grades[gallery][ranked], grades[gallery])
+    maps, grades, is_test = clean_maps_by_split(net, cfg)
+    desc = embed_maps(net, maps, pooled=True)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    ranked = metrics.rank_exact(desc[is_test], desc[~is_test], cfg.k)
+    return metrics.evaluate(grades[is_test], grades[~is_test][ranked], grades[~is_test])
 
 
 def inference_ms(model_cfg: ModelConfig, threads: int, batch: int = 16) -> float:

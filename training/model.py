@@ -143,8 +143,8 @@ class FundusNet(nn.Module):
             h = block(h)
         return h
 
-    def embed_trunk(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Trunk output -> (unit descriptors, per-image agreement of the two views or None).
+    def pool_trunk(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Trunk output -> (pooled features before the projection, agreement of the two views or None).
 
         Image mirroring flips the trunk output and runs the trainable tail on each view (with
         nothing frozen that is exactly flipping the image); feature mirroring flips the tail's
@@ -157,10 +157,14 @@ class FundusNet(nn.Module):
             a = self.tail(h)
             fh, fv = a.flip(3), a.flip(2)
         if self.attention is None:
-            return F.normalize(self.proj(self.pool(a)), dim=1), None
+            return self.pool(a), None
         ph, pv = (self.pool(y) for y in self.attention(a, {"h": fh, "v": fv}))
-        agreement = F.cosine_similarity(ph, pv, dim=1)
-        return F.normalize(self.proj(torch.cat([ph, pv], dim=1)), dim=1), agreement
+        return torch.cat([ph, pv], dim=1), F.cosine_similarity(ph, pv, dim=1)
+
+    def embed_trunk(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Trunk output -> (unit descriptors, per-image agreement of the two views or None)."""
+        pooled, agreement = self.pool_trunk(h)
+        return F.normalize(self.proj(pooled), dim=1), agreement
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_trunk(self.trunk(x))[0]

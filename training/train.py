@@ -163,13 +163,25 @@ class TrunkCache:
 
 
 @torch.no_grad()
-def embed_maps(net: FundusNet, maps: np.ndarray, batch: int = 128) -> np.ndarray:
+def embed_maps(net: FundusNet, maps: np.ndarray, batch: int = 128, pooled: bool = False) -> np.ndarray:
+    """Descriptors of cached trunk maps; with `pooled`, the features before the projection."""
     net.eval()
+    step = net.pool_trunk if pooled else net.embed_trunk
     out = [
-        net.embed_trunk(torch.from_numpy(np.asarray(maps[i : i + batch], dtype=np.float32)))[0].numpy()
+        step(torch.from_numpy(np.asarray(maps[i : i + batch], dtype=np.float32)))[0].numpy()
         for i in range(0, len(maps), batch)
     ]
     return np.concatenate(out) if out else np.zeros((0, net.config.dim), np.float32)
+
+
+def clean_maps_by_split(net: FundusNet, cfg: TrainConfig, log=print) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(trunk maps, grades, is_test) of every readable photo's clean view; the unreadable are left out."""
+    fit_recs, val_recs, test_recs = split_records(cfg)
+    everyone = fit_recs + val_recs + test_recs
+    maps, ok = TrunkCache(net, cfg, log).get(everyone, 0)
+    is_test = np.repeat([False, True], [len(fit_recs) + len(val_recs), len(test_recs)])
+    keep = slice(None) if ok.all() else np.flatnonzero(ok)  # a slice keeps the memory map
+    return maps[keep], np.array([r.grade for r in everyone])[keep], is_test[keep]
 
 
 def retrieval_report(net, gallery_maps, gallery_grades, query_maps, query_grades, k) -> dict:
