@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
     )
     add_data_and_model(r)
-    r.add_argument("--checkpoint", help="a training checkpoint (default: the untrained ImageNet backbone)")
+    r.add_argument(
+        "--checkpoint",
+        help="a training checkpoint; its model and preprocessing override --backbone, --frozen-blocks, "
+        "--input-size and --recipe (default: the untrained ImageNet backbone)",
+    )
     return parser
 
 
