@@ -217,6 +217,7 @@ def test_ablation_runner_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     results = run(base, ModelConfig(dim=64, input_size=128), tmp_path / "abl", ["imagenet-gem", "gem-fine"], [0])
     assert [r["variant"] for r in results] == ["imagenet-gem", "gem-fine"]
     assert all(0 <= r["report"]["micro"]["mHR"] <= 1 for r in results)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # untrained and trained variants share the trunk cache
     costs = json.loads((tmp_path / "abl" / "costs.json").read_text())
     assert set(costs) == {"imagenet-gem", "gem-fine"} and all(c["ms_per_image"] > 0 for c in costs.values())
     table = (tmp_path / "abl" / "ABLATIONS.md").read_text()

@@ -77,7 +77,6 @@ def probe(cfg: TrainConfig, model_cfg: ModelConfig, checkpoint: str | None = Non
         )
     else:
         net = FundusNet(replace(model_cfg, mirroring="none"), pretrained=True)
-        cfg = replace(cfg, preprocess={**cfg.preprocess, "size": model_cfg.input_size})
     maps, grades, is_test = clean_maps_by_split(net, cfg)
     pooled = embed_maps(net, maps, pooled=True)
     logp = linear_probe(pooled[~is_test], grades[~is_test], pooled[is_test])

@@ -106,9 +106,10 @@ class TrunkCache:
     def __init__(self, net: FundusNet, cfg: TrainConfig, log) -> None:
         self.net, self.cfg, self.log = net, cfg, log
         mc = net.config
+        self.preprocess = {**cfg.preprocess, "size": mc.input_size}  # the model's input size decides
         weights_id = "imagenet" if cfg.pretrained else f"random{cfg.seed}"
         self.key = hashlib.sha256(
-            json.dumps([mc.backbone, mc.frozen_blocks, weights_id, cfg.preprocess], sort_keys=True).encode()
+            json.dumps([mc.backbone, mc.frozen_blocks, weights_id, self.preprocess], sort_keys=True).encode()
         ).hexdigest()[:16]
         self.root = Path(cfg.cache_dir) / self.key
 
@@ -134,8 +135,8 @@ class TrunkCache:
     @torch.inference_mode()
     def _compute(self, records: list[Record], view: int) -> tuple[np.ndarray, np.ndarray]:
         net = self.net.eval()
-        jobs = [(str(r.path), view, self.cfg.data_seed, self.cfg.preprocess) for r in records]
-        size = self.cfg.preprocess["size"]
+        jobs = [(str(r.path), view, self.cfg.data_seed, self.preprocess) for r in records]
+        size = self.preprocess["size"]
         probe = net.trunk(net.normalise(torch.zeros(1, size, size, 3, dtype=torch.uint8)))
         maps = np.zeros((len(records), *probe.shape[1:]), dtype=np.float16)
         ok = np.zeros(len(records), dtype=bool)
