@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from export.checkpoint import load_checkpoint
+from fundus_sdk.labels import GRADES
 
 from .model import FundusNet, ModelConfig
 from .train import TrainConfig, clean_maps_by_split, embed_maps
@@ -35,7 +36,7 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def linear_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, grades: int = 5,
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, grades: int = len(GRADES),
     steps: int = 1500, weight_decay: float = 1e-2, seed: int = 0,
 ) -> np.ndarray:
     """Log-probabilities on `x_test` of a softmax classifier fitted to (x_train, y_train).
@@ -82,7 +83,7 @@ def probe(cfg: TrainConfig, model_cfg: ModelConfig, checkpoint: str | None = Non
     logp = linear_probe(pooled[~is_test], grades[~is_test], pooled[is_test])
     truth, predicted = grades[is_test], logp.argmax(1)
     report: dict = {"model": checkpoint or f"{model_cfg.backbone} (ImageNet, untrained)", "grades": {}}
-    for g in range(5):
+    for g in GRADES:
         mine = truth == g
         entry = {"queries": int(mine.sum()), "recall": float((predicted[mine] == g).mean()) if mine.any() else None}
         if g:  # how well the classifier's own score for g ranks grade g above grade 0
@@ -99,5 +100,5 @@ def format_probe(report: dict) -> str:
         recall = "-" if e["recall"] is None else f"{e['recall']:.3f}"
         roc = f"{e['auc_vs_grade_0']:.3f}" if "auc_vs_grade_0" in e else ""
         lines.append(f"{g:>5}  {e['queries']:>7}  {recall:>6}  {roc:>14}")
-    lines.append(f"balanced accuracy {report['balanced_accuracy']:.3f} (chance 0.200)")
+    lines.append(f"balanced accuracy {report['balanced_accuracy']:.3f} (chance {1 / len(report['grades']):.3f})")
     return "\n".join(lines)

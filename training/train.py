@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         log_file.write(line + "\n")
         log_file.flush()
 
-    if cfg.preprocess.get("size") != model_cfg.input_size:  # the model's input size decides
+    if cfg.preprocess.get("size") != model_cfg.input_size:  # so checkpoints record the size used
         cfg = replace(cfg, preprocess={**cfg.preprocess, "size": model_cfg.input_size})
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
