@@ -32,8 +32,9 @@ from packaging.utils import canonicalize_name
 
 import fundus_sdk
 from fundus_sdk import load_model
+from fundus_sdk.tables import format_table
 
-from .common import EYEPACS_IMAGES, measure, photos, print_header, ratio, seconds, table
+from .common import EYEPACS_IMAGES, measure, photos, print_header, ratio, seconds
 
 CLI = Path(sys.executable).with_name("fundus-sdk")
 RATE = re.compile(r"([\d.]+) images/s")
@@ -141,7 +142,7 @@ def main() -> None:
         own_rate = float(np.median(reported[args.warmup:]))
         print(f"{n} photos ({batch.shape[1]}x{batch.shape[2]} after preprocessing) from {args.photos}; "
               f"model {model.name} ({model.path.name}); batch size {args.batch_size}")
-        print(table(["what", "images/s", f"per {n} images, median [range]", "vs model only"], [
+        print(format_table(["what", "images/s", f"per {n} images, median [range]", "vs model only"], [
             ["fundus-sdk embed, launch to exit", f"{cli.rate(n):.1f}", str(cli), ratio(cli.rate(n), model_rate)],
             ["fundus-sdk embed, as it reports", f"{own_rate:.1f}", "-", ratio(own_rate, model_rate)],
             ["decode + preprocess only, 1 thread", f"{prep.rate(n):.1f}", str(prep), ratio(prep.rate(n), model_rate)],
@@ -156,15 +157,15 @@ def main() -> None:
         }
     base = startup["python -c pass"].median
     print(f"\nstart-up, wall time of {args.startup_repeats} runs each:")
-    print(table(["command", "median [range]", "minus python -c pass", "vs python -c pass"],
+    print(format_table(["command", "median [range]", "minus python -c pass", "vs python -c pass"],
                 [[cmd, str(t), seconds(t.median - base), ratio(t.median, base)] for cmd, t in startup.items()]))
 
     runtime, train = installed_sizes()
     runtime_total, train_total = sum(s for _, s in runtime), sum(s for _, s in train)
     print(f"\ninstalled size (site-packages of {Path(sys.executable).parent.parent}):")
-    print(table(["runtime: fundus-sdk and its requirements", "MB"], [[name, f"{s / 1e6:.1f}"] for name, s in runtime]))
+    print(format_table(["runtime: fundus-sdk and its requirements", "MB"], [[name, f"{s / 1e6:.1f}"] for name, s in runtime]))
     print()
-    print(table(["added by the train extra", "MB"], [[name, f"{s / 1e6:.1f}"] for name, s in train]))
+    print(format_table(["added by the train extra", "MB"], [[name, f"{s / 1e6:.1f}"] for name, s in train]))
     print(f"\nruntime {runtime_total / 1e6:.0f} MB; train extra adds {train_total / 1e6:.0f} MB "
           f"({ratio(train_total, runtime_total)} the runtime); runtime + train {(runtime_total + train_total) / 1e6:.0f} MB")
 

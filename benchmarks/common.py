@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-EYEPACS_IMAGES = REPO.parent / "shared" / "data" / "eyepacs256" / "images"
-RETINA = REPO / "tests" / "fixtures" / "retina.jpg"  # a raw 1411x1411 fundus photo (CC0)
+from tests.shared import EYEPACS  # the one definition of where the photos are
+
+EYEPACS_IMAGES = EYEPACS / "images"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -117,16 +117,6 @@ def seconds(s: float) -> str:
 def ratio(a: float, b: float) -> str:
     """a / b as 'N.NNx' ('n/a' when b is 0)."""
     return f"{a / b:.2f}x" if b else "n/a"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table, first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells
-    ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def photos(n: int, folder: Path = EYEPACS_IMAGES) -> list[Path]:

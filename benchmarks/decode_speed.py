@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fundus_sdk.preprocess import Preprocess, decode
+from fundus_sdk.inputs import decode
+from fundus_sdk.preprocess import Preprocess
+from fundus_sdk.tables import format_table
 
-from .common import RETINA, measure, print_header, ratio, table
+from .common import RETINA, measure, print_header, ratio
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -71,7 +73,7 @@ def main() -> None:
         return preprocess(path)
 
     def full(path: Path) -> np.ndarray:
-        return preprocess.from_pil(decode(path)[0])
+        return preprocess.from_pil(decode(path).image)
 
     with Image.open(RETINA) as original:
         source = original.convert("RGB")
@@ -82,7 +84,7 @@ def main() -> None:
             t_draft = measure(lambda path=path: draft(path), args.repeats, args.warmup)
             t_full = measure(lambda path=path: full(path), args.repeats, args.warmup)
             diff = np.abs(draft(path).astype(np.int16) - full(path).astype(np.int16))
-            decoded = decode(path, draft_size=draft_size)[0].size
+            decoded = decode(path, draft_size=draft_size).image.size
             rows.append([
                 f"{width}x{height}",
                 f"{width * height / 1e6:.1f}",
@@ -99,7 +101,7 @@ def main() -> None:
             ])
     print(f"output {args.size}x{args.size}; draft mode asks libjpeg for >= {draft_size}x{draft_size}; "
           f"JPEG quality {args.quality}, noise std {args.noise}; one thread; {args.repeats} timed runs each")
-    print(table(["photo", "MP", "file MB", "draft decodes at", "draft img/s", "full img/s", "speed-up",
+    print(format_table(["photo", "MP", "file MB", "draft decodes at", "draft img/s", "full img/s", "speed-up",
                  "draft median [range]", "full median [range]", "mean |diff|", "p99 |diff|", "max |diff|"], rows))
     print("\nspeed-up = draft images/s / full images/s; |diff| = absolute difference of the two final "
           f"{args.size}x{args.size}x3 uint8 arrays, grey levels (0-255); differences above ~64 are "

@@ -25,9 +25,10 @@ import torch
 
 from fundus_sdk import Model
 from fundus_sdk.contract import PRECISION
-from training.model import ExportModule, FundusNet, ModelConfig
+from fundus_sdk.tables import format_table
+from training.checkpoint import load_checkpoint
 
-from .common import EYEPACS_IMAGES, Timing, measure, photos, print_header, ratio, table
+from .common import EYEPACS_IMAGES, Timing, measure, photos, print_header, ratio
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,10 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 def torch_module(checkpoint: Path) -> torch.nn.Module:
     """The checkpoint's network as exported (uint8 NHWC in, unit descriptor out), in eval mode."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = FundusNet(ModelConfig(**state["model_config"]), pretrained=False)
-    net.load_state_dict(state["model"])
-    return ExportModule(net).eval()
+    return load_checkpoint(checkpoint).module()
 
 
 def in_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -100,7 +98,7 @@ def main() -> None:
                 first_rate = rate
             rows.append([f"ORT {model.path.name}", model.metadata.get(PRECISION, "?"), batch_size, f"{rate:.1f}",
                          str(t), ratio(rate, base_rate), ratio(rate, first_rate), f"{cosine.min():.6f}"])
-    print(table(["engine / file", "precision", "batch", "images/s", f"per {len(images)} images, median [range]",
+    print(format_table(["engine / file", "precision", "batch", "images/s", f"per {len(images)} images, median [range]",
                  "vs torch", f"vs {models[0].path.name}", "min cosine to torch"], rows))
     print("\nratios are images/s over images/s (higher: faster); 'min cosine to torch' well below 1 for fp32 "
           "means the file does not hold this checkpoint's weights")

@@ -16,55 +16,20 @@
 from __future__ import annotations
 
 import argparse
-import io
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import metrics
 from fundus_sdk.labels import read_labels
+from tests.raw_camera import enhanced_like_eyepacs, jpeg, simulated_raw
 
 from .common import EYEPACS_IMAGES, RETINA, print_header
 
 LABELS = EYEPACS_IMAGES.parent / "labels.csv"
-
-
-def enhanced_like_eyepacs(raw: Image.Image) -> Image.Image:
-    """What the EyePACS set's publisher did: crop, squash to 256 px, equalise each channel.
-
-    Inferred from the photos: inside the field of view every channel's deciles sit near
-    40/76/136/196/231 whatever the camera, the signature of per-channel histogram equalisation.
-    Done here with PIL's own equalize (not the runtime's code).
-    """
-    arr = np.asarray(raw)
-    rows, cols = np.flatnonzero(arr.max(axis=(1, 2)) > 20), np.flatnonzero(arr.max(axis=(0, 2)) > 20)
-    crop = raw.crop((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)).resize((256, 256), Image.BICUBIC)
-    fov = Image.fromarray((np.asarray(crop).max(axis=2) > 20).astype(np.uint8) * 255)
-    return ImageOps.equalize(crop, mask=fov)
-
-
-def jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def simulated_raw(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """An enhanced 256 px EyePACS photo made to look like a raw camera file."""
-    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
-    a = 0.35 + 0.45 * a  # lower contrast, lifted blacks
-    a *= np.array([1.0, rng.uniform(0.45, 0.65), rng.uniform(0.2, 0.4)])  # orange camera cast
-    yy, xx = np.mgrid[-1:1:256j, -1:1:256j]
-    a *= (1 - 0.35 * (xx**2 + yy**2))[..., None]  # vignetting
-    fov = (xx**2 + yy**2) <= 1.0
-    a = np.where(fov[..., None], a, 0.0)
-    disc = Image.fromarray((np.clip(a, 0, 1) * 255).astype(np.uint8))
-    canvas = Image.new("RGB", (int(256 * 4 / 3), 256))
-    canvas.paste(disc, ((canvas.width - 256) // 2, 0))
-    return jpeg(canvas.resize((2048, 1536), Image.BICUBIC), 90)
 
 
 def part_one(model: fundus_sdk.Model, others: list[Path]) -> None:
@@ -112,8 +77,7 @@ def part_two(model: fundus_sdk.Model, n_queries: int, gallery_stride: int, seed:
         vectors = {}
         for name, files in runs.items():
             vectors[name] = model.embed(files, batch_size=16)
-            ranked = metrics.rank_exact(vectors[name], g_vecs, 10)
-            report = metrics.evaluate(q_grades, g_grades[ranked], g_grades)
+            report = metrics.retrieval_report(vectors[name], g_vecs, q_grades, g_grades, 10)
             print(f"   {name}: mHR@10 {report['micro']['mHR']:.3f}, macro {report['macro']['mHR']:.3f}, "
                   f"NDCG@10 {report['micro']['NDCG']:.3f}; per grade "
                   + " ".join(f"{g}:{v:.2f}" for g, v in report["per_grade"]["mHR"].items()))

@@ -52,9 +52,10 @@ from typing import TypeVar
 import numpy as np
 
 from fundus_sdk import Index, load_model  # imports onnxruntime before usearch (see fundus_sdk/index.py)
+from fundus_sdk.tables import format_table
 from usearch.index import Index as USearch
 
-from .common import REPO, measure, print_header, ratio, seconds, table
+from .common import REPO, measure, print_header, ratio, seconds
 
 KINDS = ("clustered", "random")
 T = TypeVar("T")
@@ -331,7 +332,7 @@ def report(results: list[dict]) -> None:
     if not all(r["peak_reset"] for r in results):
         print("note: /proc/self/clear_refs was not writable: peaks may include earlier phases")
     b = brute["search"][0]
-    print(table(
+    print(format_table(
         ["engine", "storage", "build", "vectors/s", "memory MB", "file MB"],
         [["numpy brute force", "f32", "-", "-", f"{brute['memory_mb']:.0f}", "-"]]
         + [["usearch HNSW", r["dtype"], seconds(r["build_s"]), f"{r['size'] / r['build_s']:.0f}", f"{r['memory_mb']:.0f}",
@@ -344,11 +345,11 @@ def report(results: list[dict]) -> None:
         for m in r["search"]:
             rows.append(["usearch HNSW", r["dtype"], m["ef"], f"{m['qps']:.0f}", ratio(m["qps"], b["qps"]), f"{m['recall']:.3f}",
                          f"{m['latency_s'] * 1e3:.2f}", ratio(b["latency_s"], m["latency_s"])])
-    print(table(["engine", "storage", "expansion_search", "batch queries/s", "vs numpy", f"recall@{brute['k']}",
+    print(format_table(["engine", "storage", "expansion_search", "batch queries/s", "vs numpy", f"recall@{brute['k']}",
                  "1-query ms (median)", "speed-up vs numpy"], rows))
     if graphs:
         print()
-        print(table(
+        print(format_table(
             ["storage", "restore view", "restore load", "load / view", "Index.open read-only", "Index.open read-write", "save"],
             [[r["dtype"], seconds(r["restore_view_s"]), seconds(r["restore_load_s"]), ratio(r["restore_load_s"], r["restore_view_s"]),
               optional_seconds(r["sdk_read_only_s"]), optional_seconds(r["sdk_read_write_s"]), seconds(r["save_s"])] for r in graphs],

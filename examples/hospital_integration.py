@@ -4,9 +4,11 @@
 Uses the Python API only (no deep-learning stack): `Index.create`, `Index.add` with metadata
 (the grade and any other CSV columns), and `fundus_sdk.search`.
 
-    python examples/hospital_integration.py                       # 50 EyePACS cases, one query
+    python examples/hospital_integration.py --labels data/labels.csv         # 50 cases, one query
     python examples/hospital_integration.py --limit 200 -k 10 --query new_patient.jpg
     python examples/hospital_integration.py --labels ours.csv --index cases/   # keep the index
+
+--labels defaults to labels.csv of the data set named by $FUNDUS_SDK_DATA.
 
 The label CSV has columns `image` (path relative to the CSV's folder, or to an `images/`
 folder beside it) and `grade` (ICDR 0-4); every other column is kept as case metadata.
@@ -15,36 +17,36 @@ folder beside it) and `grade` (ICDR 0-4); every other column is kept as case met
 from __future__ import annotations
 
 import argparse
-import csv
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import fundus_sdk
 
-EYEPACS = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyepacs256"
-
 
 def read_cases(labels: Path, limit: int, split: str | None) -> list[tuple[Path, dict]]:
     """(photo path, metadata) for the first `limit` rows (of `split`, if the CSV has a split column)."""
-    root = labels.parent / "images" if (labels.parent / "images").is_dir() else labels.parent
     cases = []
-    with open(labels, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            if split and row.get("split", split) != split:
-                continue
-            meta = {k: v for k, v in row.items() if k not in ("image", "split") and v != ""}
-            if "grade" in meta:
-                meta["grade"] = int(meta["grade"])  # the index stores grades as integers 0-4
-            cases.append((root / row["image"], meta))
-            if len(cases) == limit:
-                break
+    for row in fundus_sdk.read_labels(labels, require_grade=False, require_files=False):
+        if split and row.fields.get("split", split) != split:
+            continue
+        meta = {k: v for k, v in row.fields.items() if k != "split" and v != ""}
+        if row.grade is not None:
+            meta["grade"] = row.grade
+        cases.append((row.path, meta))
+        if len(cases) == limit:
+            break
     return cases
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", type=Path, default=EYEPACS / "labels.csv", help="label CSV (default: %(default)s)")
+    data = os.environ.get("FUNDUS_SDK_DATA")
+    parser.add_argument(
+        "--labels", type=Path, default=Path(data) / "labels.csv" if data else None, required=not data,
+        help="label CSV (default: labels.csv in $FUNDUS_SDK_DATA)",
+    )
     parser.add_argument("--limit", type=int, default=50, help="how many gallery cases to index (default: %(default)s)")
     parser.add_argument("--query", type=Path, help="the new photo (default: the first test-split photo of the CSV)")
     parser.add_argument("--index", type=Path, help="index directory to create or extend (default: a temporary one)")

@@ -11,7 +11,7 @@ checked against the torch model on real photographs before it is written. Comman
 `python -m export --help`; comparing variants: `python -m export.compare --help`.
 """
 
-from .checkpoint import ExportError
+from .errors import ExportError
 from .exporter import ExportReport, export_checkpoint, export_variants
 from .metadata import fingerprint, read_metadata
 from .verify import VariantReport, compare_variants, format_reports

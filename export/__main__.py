@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import ExportError
+from fundus_sdk.errors import Exit
+
+from .errors import ExportError
 from .exporter import export_checkpoint
 
 EXAMPLE = """examples:
@@ -13,7 +15,8 @@ EXAMPLE = """examples:
   python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-fp16.onnx --fp16
   python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-int8.onnx --int8 --calib photos/
 
-exit status: 0 exported and verified, 2 bad arguments, unreadable checkpoint or failed verification."""
+exit status (as every command line of fundus-sdk): 0 exported and verified, 2 bad arguments,
+3 unreadable checkpoint or failed verification."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ExportError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
-        return 2
+        return Exit.FATAL
     print(report.summary())
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fundus_sdk.errors import Exit
 from fundus_sdk.labels import LabelError, read_labels
+from training.data import DATA_ENV, default_data
 
-from .checkpoint import ExportError
-from .verify import DEFAULT_IMAGES, compare_variants, format_reports, sample_files
+from .errors import ExportError
+from .verify import compare_variants, format_reports, sample_files
 
 EXAMPLE = """examples:
   python -m export.compare models/m.onnx models/m-fp16.onnx models/m-int8.onnx --limit 64
-  python -m export.compare m.onnx m-int8.onnx --labels ../shared/data/eyepacs256/labels.csv"""
+  python -m export.compare m.onnx m-int8.onnx --labels data/labels.csv"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("models", nargs="+", help="ONNX files; the first is the reference")
-    p.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of photographs (default: EyePACS)")
+    data = default_data()
+    p.add_argument(
+        "--images", default=str(data / "images") if data else None,
+        help=f"folder of photographs (default: images/ of ${DATA_ENV})",
+    )
     p.add_argument("--limit", type=int, default=64, help="photographs used, spread over the folder (default 64)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("-k", type=int, default=10, help="neighbours for the k-NN agreement (default 10)")
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         "test split (queries) against the train split (gallery); --images/--limit are then ignored",
     )
     args = p.parse_args(argv)
+    if not (args.images or args.labels):
+        p.error(f"pass --images DIR or --labels CSV (or set {DATA_ENV})")
     try:
         grades = is_query = None
         if args.labels:
@@ -51,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         reports = compare_variants(args.models, files, k=args.k, threads=args.threads, grades=grades, is_query=is_query)
     except (ExportError, LabelError, OSError, ValueError) as exc:
         print(f"export.compare: error: {exc}", file=sys.stderr)
-        return 2
+        return Exit.FATAL
     print(f"{len(files)} photographs from {args.images}; cosine and k-NN@{args.k} agreement vs {reports[0].path.name}")
     print(format_reports(reports))
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -12,13 +11,15 @@ import numpy as np
 import onnx
 
 from fundus_sdk import contract
-from training.data import LabelError, read_source
+from fundus_sdk.atomic import write_atomically
+from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from training.data import DATA_ENV, LabelError, default_data, read_source
 
-from .checkpoint import Checkpoint, ExportError, load_checkpoint
+from .errors import ExportError
 from .graph import attention_shape_ops, copy_model, node_counts, optimise, save_model, strip_debug_info, torch_to_onnx
 from .metadata import build_metadata, fingerprint, write_metadata
 from .variants import PRECISIONS, to_fp16, to_int8
-from .verify import DEFAULT_IMAGES, MIN_COSINE, VERIFY_BATCH, load_images, sample_files, torch_embed, verify
+from .verify import MIN_COSINE, VERIFY_BATCH, load_images, sample_files, torch_embed, verify
 
 ImageSource = str | Path | Sequence[str | Path]
 
@@ -111,10 +112,13 @@ def export_variants(
         raise ValueError(f"precisions must be among {PRECISIONS}, got {sorted(outputs)}")
     if "int8" in outputs and calib is None:
         raise ExportError("int8 export needs calibration photographs (calib / --calib DIR)")
-    ckpt = load_checkpoint(checkpoint)
-    if detail_size is not None:
-        ckpt = replace(ckpt, preprocess=replace(ckpt.preprocess, detail_size=detail_size))
-    module = ckpt.module()
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        if detail_size is not None:
+            ckpt = replace(ckpt, preprocess=replace(ckpt.preprocess, detail_size=detail_size))
+        module = ckpt.module()
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
     preprocess = ckpt.preprocess
     images = load_images(verification_photos(ckpt, verify_images), preprocess)
     reference = torch_embed(module, images)
@@ -150,18 +154,18 @@ def export_variants(
 
 def verification_photos(ckpt: Checkpoint, verify_images: ImageSource | None) -> list[Path]:
     """Photos for the parity check: the caller's, else the checkpoint's training data when it is
-    on this machine, else the EyePACS folder beside the repository."""
+    on this machine, else the data set named by FUNDUS_SDK_DATA."""
     if verify_images:
         return sample_files(verify_images, VERIFY_BATCH)
-    source = ckpt.train_config.get("data")
-    if source and Path(source).exists():
-        try:
-            return sample_files([r.path for r in read_source(source)], VERIFY_BATCH)
-        except LabelError:
-            pass  # a moved or edited data set: fall back to the EyePACS photos
-    if not DEFAULT_IMAGES.is_dir():
-        raise ExportError("no photographs to verify the export on: pass verify_images (--verify-images DIR)")
-    return sample_files(DEFAULT_IMAGES, VERIFY_BATCH)
+    for source in (ckpt.train_config.get("data"), default_data()):
+        if source and Path(source).exists():
+            try:
+                return sample_files([r.path for r in read_source(source)], VERIFY_BATCH)
+            except LabelError:
+                pass  # a moved or edited data set: try the next
+    raise ExportError(
+        f"no photographs to verify the export on: pass verify_images (--verify-images DIR) or set {DATA_ENV}"
+    )
 
 
 def write_verified(
@@ -169,11 +173,7 @@ def write_verified(
 ) -> np.ndarray:
     """Save to a staging file beside `output`, verify it, then move it into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with write_atomically(output, durable=False) as staging:
         save_model(model, staging)
         cosines = verify(staging, reference, images, precision)
-        staging.replace(output)
-    finally:
-        staging.unlink(missing_ok=True)
     return cosines

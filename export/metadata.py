@@ -16,9 +16,8 @@ import onnx
 from onnx import numpy_helper
 
 from fundus_sdk import contract
+from training.checkpoint import Checkpoint
 from training.weights import OFFLINE_WEIGHTS
-
-from .checkpoint import Checkpoint
 
 EYEPACS_TERMS = (
     "Trained on EyePACS fundus photographs (Kaggle 2015 Diabetic Retinopathy Detection), "

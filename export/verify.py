@@ -18,14 +18,13 @@ import torch
 
 from fundus_sdk import metrics
 from fundus_sdk.contract import INPUT_NAME, PRECISION
-from fundus_sdk.errors import ImageError
-from fundus_sdk.files import find_images
+from fundus_sdk.errors import ImageError, one_line
+from fundus_sdk.inputs import find_images
 from fundus_sdk.preprocess import Preprocess
 
-from .checkpoint import ExportError, one_line
+from .errors import ExportError
 from .metadata import read_metadata
 
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "eyepacs256" / "images"
 VERIFY_BATCH = 7  # images per verification; the file must also agree on batch size 1
 
 # Lowest per-image cosine to the torch model an export must reach. fp32: the requirement.
@@ -175,8 +174,7 @@ def compare_variants(
         retrieval = None
         if grades is not None and is_query is not None:
             g, q = np.asarray(grades), np.asarray(is_query, dtype=bool)
-            ranked = metrics.rank_exact(vectors[q], vectors[~q], k)
-            retrieval = metrics.evaluate(g[q], g[~q][ranked], g[~q])
+            retrieval = metrics.retrieval_report(vectors[q], vectors[~q], g[q], g[~q], k)
         reports.append(
             VariantReport(
                 path=path,

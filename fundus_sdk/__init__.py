@@ -7,24 +7,48 @@
     vectors = fundus_sdk.embed(["a.jpg", "b.jpg"])            # (2, dim) float32, unit rows
 """
 
-from .errors import CaseIndexError, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
+from . import metrics
+from .embeddings import Embeddings, read_embeddings, write_embeddings
+from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
+from .evaluation import evaluate_index
 from .index import Hit, Index, search
+from .inputs import Decoded, decode, find_images
+from .labels import GRADES, Label, LabelError, read_labels
 from .model import Model, embed, load_model
+from .preprocess import Preprocess
 
 __version__ = "0.2.0"
 
 __all__ = [
+    # embedding and search
     "embed",
     "search",
     "load_model",
     "Model",
     "Index",
     "Hit",
+    # inputs, labels, files
+    "decode",
+    "Decoded",
+    "find_images",
+    "Preprocess",
+    "GRADES",
+    "Label",
+    "read_labels",
+    "Embeddings",
+    "read_embeddings",
+    "write_embeddings",
+    # judging retrieval
+    "evaluate_index",
+    "metrics",
+    # errors and exit codes
     "FundusError",
     "ImageError",
+    "LabelError",
     "ModelError",
     "ModelMismatchError",
     "CaseIndexError",
     "ProviderError",
+    "Exit",
     "__version__",
 ]

@@ -1,8 +1,8 @@
 """The `fundus-sdk` command line: a thin layer over the Python API for clinic IT and scripts.
 
-Exit status: 0 everything succeeded; 1 some inputs failed (each named on stderr, the rest
-processed); 2 usage error; 3 fatal error (missing index or model, model mismatch, ...);
-130 interrupted (an index keeps its last committed state).
+Exit status (fundus_sdk.errors.Exit): 0 everything succeeded; 1 some inputs failed (each named
+on stderr, the rest processed); 2 usage error; 3 fatal error (missing index or model, model
+mismatch, ...); 130 interrupted (an index keeps its last committed state).
 """
 
 from __future__ import annotations
@@ -20,21 +20,18 @@ import click
 import numpy as np
 
 from . import __version__, metrics
-from .errors import FundusError, ImageError
-from .files import find_images
+from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
+from .errors import Exit, FundusError, ImageError
+from .evaluation import evaluate_index
 from .index import Hit, Index
-from .labels import GRADES, read_labels
-from .model import Model, load_model
-
-EXIT_PARTIAL = 1
-EXIT_FATAL = 3
-EXIT_INTERRUPTED = 130
-GRADED = {"grade": list(GRADES)}
+from .inputs import find_images
+from .labels import read_labels
+from .model import load_model
 
 
 def fatal(message: str) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_FATAL)
+    sys.exit(Exit.FATAL)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -48,7 +45,7 @@ def handle_errors(fn: Callable) -> Callable:
             fatal(str(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            sys.exit(Exit.INTERRUPTED)
 
     return wrapper
 
@@ -116,7 +113,6 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
     if not files:
         fatal(f"no images found in {', '.join(paths)}")
     model = load_model(model_path)
-    fmt = fmt or ("jsonl" if output.endswith((".jsonl", ".json")) else "npz")
     vectors, names, hashes, failures = [], [], [], 0
     started = time.perf_counter()
     with progress(len(files), "embedding", quiet) as advance:
@@ -130,33 +126,12 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
             advance(len(positions) + len(errors))
     elapsed = time.perf_counter() - started
     matrix = np.concatenate(vectors) if vectors else np.zeros((0, model.dim), np.float32)
-    write_embeddings(Path(output), fmt, matrix, names, hashes, model)
+    write_embeddings(output, Embeddings(matrix, names, hashes, model.fingerprint, model.name), fmt)
     click.echo(
         f"embedded {len(names)} images, {failures} failed, {len(files) / max(elapsed, 1e-9):.1f} images/s -> {output}"
     )
     if failures:
-        sys.exit(EXIT_PARTIAL)
-
-
-def write_embeddings(out: Path, fmt: str, vectors: np.ndarray, paths: list[str], hashes: list, model: Model) -> None:
-    """Write aside then rename, so a reader never sees half a file."""
-    tmp = out.with_name(out.name + ".partial")
-    if fmt == "npz":
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                vectors=vectors,
-                paths=np.array(paths, dtype=str),
-                sha256=np.array(hashes, dtype=str),
-                model_fingerprint=np.array(model.fingerprint),
-                model_name=np.array(model.name),
-            )
-    else:
-        with open(tmp, "w") as f:
-            for path, sha, vec in zip(paths, hashes, vectors):
-                row = {"path": path, "sha256": sha, "model_fingerprint": model.fingerprint, "vector": vec.tolist()}
-                f.write(json.dumps(row) + "\n")
-    tmp.replace(out)
+        sys.exit(Exit.PARTIAL)
 
 
 # -- index ---------------------------------------------------------------------------------------
@@ -200,7 +175,7 @@ def index_create(directory, model_path, dtype) -> None:
 @quiet_option
 @handle_errors
 def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet) -> None:
-    """Add photos (or an .npz written by `fundus-sdk embed`) to the index in DIRECTORY.
+    """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
     Photos already in the index (same content hash) are not added twice. Work is committed in
     steps of 256 photos: an interruption leaves the index as of the last step, never broken.
@@ -212,11 +187,9 @@ def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet
     ix = Index.open(directory, model=load_model(model_path) if model_path else None)
     with ix:
         before = len(ix)
-        npz = [p for p in paths if p.endswith(".npz")]
-        if npz:
-            for file in npz:
-                add_embeddings(ix, Path(file), labels)
-        photos = [p for p in paths if not p.endswith(".npz")]
+        for file in (p for p in paths if Path(p).suffix.lower() in FORMATS):
+            add_embeddings(ix, Path(file), labels)
+        photos = [p for p in paths if Path(p).suffix.lower() not in FORMATS]
         files = find_images(photos, recursive) if photos else []
         if photos and not files:
             fatal(f"no images found in {', '.join(photos)}")
@@ -227,19 +200,18 @@ def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet
                 ix.add(files, meta, on_error=lambda e: (failures.append(e), report_failure(e)), batch_size=batch_size, commit_every=256, progress=advance)
         click.echo(f"added {len(ix) - before} cases ({len(failures)} failed); {directory} now holds {len(ix)}")
     if failures:
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(Exit.PARTIAL)
 
 
 def add_embeddings(ix: Index, file: Path, labels_csv: str | None = None) -> None:
-    """Add the vectors of an .npz from `embed`, with label metadata matched by their recorded paths."""
-    with np.load(file) as data:
-        paths, hashes = data["paths"].tolist(), data["sha256"].tolist()
-        labels = label_metadata([Path(p) for p in paths], labels_csv)
-        ix.add(
-            data["vectors"],
-            [{**(meta or {}), "path": p, "sha256": s or None} for p, s, meta in zip(paths, hashes, labels)],
-            model_fingerprint=str(data["model_fingerprint"]),
-        )
+    """Add the vectors of an embedding file from `embed`, with label metadata matched by their recorded paths."""
+    data = read_embeddings(file)
+    labels = label_metadata([Path(p) for p in data.paths], labels_csv)
+    ix.add(
+        data.vectors,
+        [{**(meta or {}), "path": p, "sha256": s or None} for p, s, meta in zip(data.paths, data.sha256, labels)],
+        model_fingerprint=data.model_fingerprint,
+    )
 
 
 def label_metadata(files: list[Path], labels_csv: str | None) -> list[dict | None]:
@@ -293,7 +265,7 @@ def index_remove(directory, keys) -> None:
         removed = ix.remove(keys)
     click.echo(f"removed {removed} of {len(keys)} keys")
     if removed < len(keys):
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(Exit.PARTIAL)
 
 
 # -- search and evaluate -----------------------------------------------------------------------------
@@ -343,7 +315,7 @@ def search(images, index_dir, k, where, model_path, as_json) -> None:
         for query, hits in results:
             click.echo(format_hits(query, hits))
     if failures:
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(Exit.PARTIAL)
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
@@ -373,32 +345,18 @@ def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
       fundus-sdk evaluate --index cases/ --queries test.csv -k 10
     """
     labels = read_labels(queries)
+    failures: list[ImageError] = []
+
+    def failed(err: ImageError) -> None:
+        failures.append(err)
+        report_failure(err)
+
     with Index.open(index_dir, read_only=True, model=load_model(model_path) if model_path else None) as ix:
-        gallery = ix.grades()
-        if gallery.size == 0:
-            fatal(f"{index_dir} holds no graded cases")
-        ranked, grades, failures = [], [], 0
         with progress(len(labels), "evaluating", quiet) as advance:
-            for positions, vecs, digests, errors in ix.model.iter_embed([lab.path for lab in labels]):
-                for err in errors:
-                    report_failure(err)
-                failures += len(errors)
-                # the gallery is the graded cases (ungraded ones are not ranked); one search per
-                # batch, so the filter is computed once per batch rather than once per query
-                batch_hits = ix.search(vecs, k=k + 1, where=GRADED) if len(positions) else []
-                for pos, found, sha in zip(positions, batch_hits, digests):
-                    hits = [h for h in found if h.sha256 != sha][:k]
-                    grade = labels[pos].grade
-                    # a gallery smaller than k: the missing ranks get a grade 4 away (no hit, zero gain)
-                    ranked.append([h.grade for h in hits] + [grade + 4] * (k - len(hits)))
-                    grades.append(grade)
-                advance(len(positions) + len(errors))
-    if not grades:
-        fatal("no query photo could be read")
-    report = metrics.evaluate(np.array(grades), np.array(ranked), gallery)
+            report = evaluate_index(ix, labels, k, on_error=failed, progress=advance)
     click.echo(json.dumps(report, indent=2) if as_json else metrics.format_report(report))
     if failures:
-        sys.exit(EXIT_PARTIAL)
+        sys.exit(Exit.PARTIAL)
 
 
 # -- info -------------------------------------------------------------------------------------------

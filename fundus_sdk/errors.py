@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
 from pathlib import Path
 
 
@@ -39,3 +40,20 @@ def describe(source: object) -> str:
     if isinstance(source, (str, Path)):
         return str(source)
     return f"<{type(source).__name__}>"
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for one-line error reports."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+class Exit(IntEnum):
+    """The exit status of every command line of the project (fundus-sdk, python -m training,
+    python -m export): one convention, documented in the README."""
+
+    OK = 0  # everything succeeded
+    PARTIAL = 1  # some inputs failed (each named on stderr); the rest was processed
+    USAGE = 2  # a bad option or argument (click and argparse use 2 as well)
+    FATAL = 3  # nothing could be done: missing or unusable index, model, checkpoint or label file, ...
+    INTERRUPTED = 130  # Ctrl-C; whatever was committed is kept

@@ -15,9 +15,7 @@ SQLite, it is rebuilt from the vectors SQLite holds.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sqlite3
 import time
 import warnings
@@ -28,9 +26,11 @@ from typing import Any, Union
 
 import numpy as np
 
+from .atomic import write_atomically
 from .errors import CaseIndexError, ModelMismatchError
+from .inputs import ImageInput
+from .labels import GRADE_RANGE, is_grade
 from .model import Model, OnError, as_list, load_model  # imports onnxruntime before usearch, see below
-from .preprocess import ImageInput
 
 # onnxruntime must be loaded before usearch's extension: the other order crashed with usearch 2.26.
 from usearch.index import Index as _USearch  # noqa: E402
@@ -77,22 +77,6 @@ class Hit:
             "metadata": self.metadata,
             "added": self.added,
         }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _content_hash(item: ImageInput, digest: str | None) -> str:
-    """sha256 of the file bytes for files; of the pixels (with their shape) for in-memory images."""
-    if digest is not None:
-        return digest
-    pixels = np.ascontiguousarray(np.asarray(item))
-    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
 
 class Index:
@@ -277,13 +261,8 @@ class Index:
 
     def _write_vectors(self, vectors: _USearch, generation: int) -> None:
         """Write the usearch file for `generation` aside, fsync it, and rename it into place."""
-        final = self._vector_file(generation)
-        tmp = final.with_suffix(".tmp")
-        vectors.save(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(final)
-        _fsync_dir(self.path)
+        with write_atomically(self._vector_file(generation)) as tmp:
+            vectors.save(str(tmp))
 
     def _commit(self, change) -> Any:
         """Run `change(cursor, vectors)` as one durable step: SQLite transaction + new vector file."""
@@ -334,7 +313,7 @@ class Index:
     ) -> list[int | None]:
         """Add images (or vectors from this index's model) with per-case metadata; return keys.
 
-        Metadata dicts may hold "grade" (0-4), "path" and "sha256"; every other key is kept as
+        Metadata dicts may hold "grade" (an integer of fundus_sdk.GRADES), "path" and "sha256"; every other key is kept as
         free-form JSON. A photo whose content hash is already in the index is not added again:
         its existing key is returned. Vectors must come with `model_fingerprint` (or their
         metadata's "sha256") checked: vectors from another model are refused. With
@@ -369,11 +348,11 @@ class Index:
         def row(pos: int, vector: np.ndarray, digest: str | None) -> tuple:
             extra = dict(meta[pos] or {})
             grade = extra.pop("grade", None)
-            if grade is not None and (not isinstance(grade, (int, np.integer)) or not 0 <= int(grade) <= 4):
-                raise ValueError(f"grade must be an integer 0-4, got {grade!r}")
+            if grade is not None and not is_grade(grade):
+                raise ValueError(f"grade must be an integer {GRADE_RANGE}, got {grade!r}")
             item = inputs[pos]
             path = extra.pop("path", str(item) if isinstance(item, (str, Path)) else None)
-            sha = extra.pop("sha256", None) or (None if are_vectors else _content_hash(item, digest))
+            sha = extra.pop("sha256", None) or digest
             return (pos, path, sha, None if grade is None else int(grade), json.dumps(extra, default=str), vector)
 
         if are_vectors:

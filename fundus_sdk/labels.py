@@ -1,14 +1,21 @@
-"""Label files: a CSV with an `image` column, a `grade` column (ICDR 0-4) and any others."""
+"""The grade scale, and label files: a CSV with an `image` column, a `grade` column and any others."""
 
 from __future__ import annotations
 
 import csv
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import FundusError
 
-GRADES = range(5)
+GRADES = range(5)  # the ICDR scale: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 proliferative DR
+GRADE_RANGE = f"{GRADES[0]}-{GRADES[-1]}"
+
+
+def is_grade(value: object) -> bool:
+    """Whether `value` is a grade of the scale (an integer, not a bool or a float)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) in GRADES
 
 
 class LabelError(FundusError):
@@ -35,7 +42,7 @@ def read_labels(
     """Rows of a label CSV, validated; fails at once naming the row.
 
     Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not a
-    whole number 0-4; with require_files, an image that does not exist under `image_root`.
+    whole number of the scale (GRADES); with require_files, an image that does not exist under `image_root`.
     An empty grade cell is allowed (None) unless require_grade.
     """
     csv_path = Path(csv_path)
@@ -61,7 +68,7 @@ def read_labels(
                 except ValueError:
                     raise LabelError(f"{where}: grade {raw!r} is not a whole number") from None
                 if grade not in GRADES:
-                    raise LabelError(f"{where}: grade {grade} is outside 0-4")
+                    raise LabelError(f"{where}: grade {grade} is outside {GRADE_RANGE}")
             path = root / row["image"]
             if require_files and not path.is_file():
                 raise LabelError(f"{where}: image not found at {path}")

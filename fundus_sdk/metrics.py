@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .labels import GRADES
+from .tables import format_table
+
 METRICS = ("mHR", "mAP", "AP", "NDCG")
 
 
-def gain(query_grade: np.ndarray, grades: np.ndarray, max_grade: int = 4) -> np.ndarray:
+def gain(query_grade: np.ndarray, grades: np.ndarray, max_grade: int = GRADES[-1]) -> np.ndarray:
     """Graded relevance 1 - |g_q - g_r| / max_grade."""
     return 1.0 - np.abs(np.asarray(query_grade) - np.asarray(grades)) / max_grade
 
@@ -103,16 +106,23 @@ def rank_exact(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
+def retrieval_report(queries: np.ndarray, gallery: np.ndarray, query_grades, gallery_grades, k: int) -> dict:
+    """Rank the gallery for each query (exact cosine) and evaluate: the report of `evaluate`."""
+    gallery_grades = np.asarray(gallery_grades)
+    ranked = rank_exact(queries, gallery, k)
+    return evaluate(query_grades, gallery_grades[ranked], gallery_grades)
+
+
 def format_report(report: dict) -> str:
     """A plain-text table: one row per grade, then micro and macro, each with chance."""
     k = report["k"]
-    head = f"{'grade':>6} {'n':>5} " + " ".join(f"{m + '@' + str(k):>9} {'chance':>7}" for m in METRICS)
-    lines = [head]
     chance = report["chance"]
-    for g in report["grades"]:
-        cells = " ".join(f"{report['per_grade'][m][g]:>9.3f} {chance['per_grade'][m][g]:>7.3f}" for m in METRICS)
-        lines.append(f"{g:>6} {report['query_counts'][g]:>5} {cells}")
-    for name in ("micro", "macro"):
-        cells = " ".join(f"{report[name][m]:>9.3f} {chance[name][m]:>7.3f}" for m in METRICS)
-        lines.append(f"{name:>6} {report['n_queries']:>5} {cells}")
-    return "\n".join(lines)
+    rows = [
+        [g, report["query_counts"][g]]
+        + [f"{v:.3f}" for m in METRICS for v in (report["per_grade"][m][g], chance["per_grade"][m][g])]
+        for g in report["grades"]
+    ] + [
+        [name, report["n_queries"]] + [f"{v:.3f}" for m in METRICS for v in (report[name][m], chance[name][m])]
+        for name in ("micro", "macro")
+    ]
+    return format_table(["grade", "n", *(h for m in METRICS for h in (f"{m}@{k}", "chance"))], rows)

@@ -17,7 +17,8 @@ import onnxruntime as ort
 
 from . import contract
 from .errors import ImageError, ModelError, ProviderError
-from .preprocess import ImageInput, Preprocess
+from .inputs import ImageInput
+from .preprocess import Preprocess
 
 DEFAULT_MODEL = "default.onnx"
 OnError = Union[str, Callable[[ImageError], None]]
@@ -126,14 +127,14 @@ class Model:
     def iter_embed(
         self, images: Iterable[ImageInput], *, batch_size: int = 16, workers: int = 2
     ) -> Iterator[tuple[list[int], np.ndarray, list[str | None], list[ImageError]]]:
-        """Embed in batches: yields (input positions, vectors, sha256 of files or None, errors).
+        """Embed in batches: yields (input positions, vectors, sha256 of each input, errors).
 
         Decoding and preprocessing run in `workers` threads while the model runs, at most a few
         batches ahead. Images that fail yield an ImageError instead of a vector.
         """
         items = list(images)
 
-        def prepare(item: ImageInput) -> tuple[np.ndarray, str | None] | ImageError:
+        def prepare(item: ImageInput) -> tuple[np.ndarray, str] | ImageError:
             try:
                 return self.preprocess.load(item)
             except ImageError as exc:
@@ -182,7 +183,7 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     """One input or a sequence of inputs, as a list (an HxWx3 array is one image, NxHxWx3 is N)."""
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, Sequence) and not isinstance(images, str):
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray)):
         return list(images)
     return [images]
 

@@ -5,8 +5,8 @@ call it, and an exported model records its parameters in its metadata (`Preproce
 so the runtime rebuilds exactly the same steps (`Preprocess.from_metadata`).
 
 Steps, in order:
-1. decode with PIL (JPEGs in draft mode, so a 20-megapixel photo is decoded at reduced size),
-   apply the EXIF orientation, convert any mode (L, LA, P, RGBA, CMYK, I;16, I, F) to 8-bit RGB;
+1. decode (fundus_sdk.inputs: JPEGs in draft mode, so a 20-megapixel photo is decoded at
+   reduced size; EXIF orientation applied; any mode converted to 8-bit RGB);
 2. crop to the bounding box of the circular field of view (the bright disc on a dark surround)
    and stretch it to a square, as the EyePACS training photos were;
 3. resize to `size` x `size` (bicubic, antialiased); with `detail_size` set, a larger field of
@@ -33,23 +33,41 @@ The model graph then does the rest (cast, scale, normalise, mirror views).
 
 from __future__ import annotations
 
-import hashlib
-import io
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from .errors import ImageError, describe
+from .errors import ImageError
+from .inputs import Decoded, ImageInput, decode
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
-RECIPES = {1: "fov-stretch-lcn-v1", 2: "fov-stretch-equalise-lcn-v2", 3: "fov-filled-equalise-lcn-v3"}
+@dataclass(frozen=True)
+class Recipe:
+    """What a preprocessing recipe does, by name (models record the name in their metadata)."""
+
+    name: str
+    equalise: bool  # histogram-equalise each channel inside the field of view (step 5)
+    fill_fov: bool  # fill the field-of-view mask along rows and columns (step 4)
+
+
+RECIPES = {
+    1: Recipe("fov-stretch-lcn-v1", equalise=False, fill_fov=False),
+    2: Recipe("fov-stretch-equalise-lcn-v2", equalise=True, fill_fov=False),
+    3: Recipe("fov-filled-equalise-lcn-v3", equalise=True, fill_fov=True),
+}
 FOV_THUMBNAIL = 1024
-MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A preprocessed photo: the model's input and where it came from in the decoded photo."""
+
+    pixels: np.ndarray  # uint8 (size, size, 3)
+    box: Box  # the field of view's crop box (left, top, right, bottom) in the decoded photo
+    decoded_size: tuple[int, int]  # (width, height) of the decoded photo (JPEGs: at draft scale)
 
 
 @dataclass(frozen=True)
@@ -66,31 +84,47 @@ class Preprocess:
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown preprocessing recipe {self.recipe!r}; this runtime knows {sorted(RECIPES)}")
 
-    def __call__(self, image: ImageInput) -> np.ndarray:
-        return self.load(image)[0]
+    @property
+    def steps(self) -> Recipe:
+        return RECIPES[self.recipe]
 
-    def load(self, image: ImageInput) -> tuple[np.ndarray, str | None]:
-        """The preprocessed array and, for files, the sha256 of the file's bytes."""
-        pil, digest = decode(image, draft_size=2 * self.size)
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        return self.prepare(self.decode(image)).pixels
+
+    def decode(self, image: ImageInput) -> Decoded:
+        """Decode an input at the resolution this preprocessing needs (see fundus_sdk.inputs)."""
+        return decode(image, draft_size=2 * self.size)
+
+    def load(self, image: ImageInput) -> tuple[np.ndarray, str]:
+        """The preprocessed array and the input's sha256 (see fundus_sdk.inputs.Decoded)."""
+        decoded = self.decode(image)
+        return self.prepare(decoded).pixels, decoded.sha256
+
+    def prepare(self, decoded: Decoded) -> Prepared:
+        """Crop, resize and normalise a decoded input; ImageError if the maths fails on it."""
         try:
-            return self.from_pil(pil), digest
+            box = fov_box(decoded.image)
+            return Prepared(self._process(decoded.image, box), box, decoded.image.size)
         except Exception as exc:  # a PIL/numpy failure deep in a malformed image
-            raise ImageError(describe(image), f"cannot process image ({exc})") from exc
+            raise ImageError(decoded.name, f"cannot process image ({exc})") from exc
 
     def from_pil(self, pil: Image.Image) -> np.ndarray:
         """Crop, resize and normalise an already decoded RGB image."""
-        fov = crop_to_fov(pil)
+        return self._process(pil, fov_box(pil))
+
+    def _process(self, pil: Image.Image, box: Box) -> np.ndarray:
+        fov = pil if box == (0, 0, *pil.size) else pil.crop(box)
         if self.detail_size and max(fov.size) > self.detail_size:
             fov = fov.resize((self.detail_size, self.detail_size), Image.BICUBIC)
         square = np.asarray(fov.resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
-        mask = fov_mask(square, fill=self.recipe >= 3)
-        if self.recipe >= 2:
+        mask = fov_mask(square, fill=self.steps.fill_fov)
+        if self.steps.equalise:
             square = equalise_channels(square, mask)
         return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask)
 
     def to_metadata(self) -> dict[str, str]:
         return {
-            "preprocess.recipe": RECIPES[self.recipe],
+            "preprocess.recipe": self.steps.name,
             "preprocess.size": str(self.size),
             "preprocess.lcn_sigma": repr(self.lcn_sigma),
             "preprocess.lcn_gain": repr(self.lcn_gain),
@@ -100,9 +134,10 @@ class Preprocess:
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
         name = meta.get("preprocess.recipe")
-        recipe = next((number for number, known in RECIPES.items() if known == name), None)
+        recipe = next((number for number, known in RECIPES.items() if known.name == name), None)
         if recipe is None:
-            raise ValueError(f"unknown preprocessing recipe {name!r}; this runtime knows {sorted(RECIPES.values())}")
+            known = sorted(r.name for r in RECIPES.values())
+            raise ValueError(f"unknown preprocessing recipe {name!r}; this runtime knows {known}")
         return cls(
             size=int(meta["preprocess.size"]),
             lcn_sigma=float(meta["preprocess.lcn_sigma"]),
@@ -110,77 +145,6 @@ class Preprocess:
             recipe=recipe,
             detail_size=int(meta.get("preprocess.detail_size", 0)),
         )
-
-
-def decode(image: ImageInput, *, draft_size: int | None = None) -> tuple[Image.Image, str | None]:
-    """Decode any supported input to an RGB PIL image; files also return their sha256.
-
-    Raises ImageError naming the input for anything that is not a readable, sane image.
-    """
-    name = describe(image)
-    if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image), name), None
-    if isinstance(image, np.ndarray):
-        return _from_array(image, name), None
-    if not isinstance(image, (str, Path)):
-        raise ImageError(name, "expected a file path, a PIL image or an HxWx3 uint8 array")
-    try:
-        data = Path(image).read_bytes()
-    except OSError as exc:
-        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
-    if not data:
-        raise ImageError(name, "file is empty (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            pil = Image.open(io.BytesIO(data))
-            w, h = pil.size
-            if min(w, h) < MIN_SIDE:
-                raise ImageError(name, f"image is {w}x{h} pixels, too small to be a fundus photo")
-            if draft_size and pil.format == "JPEG":
-                pil.draft(None, (draft_size, draft_size))
-            pil = ImageOps.exif_transpose(pil)
-            pil.load()
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(name, f"refused as a decompression bomb ({exc})") from exc
-        except Image.UnidentifiedImageError as exc:
-            raise ImageError(name, "not an image file PIL can identify") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(name, f"corrupt or truncated image ({exc})") from exc
-    return _to_rgb(pil, name), digest
-
-
-def _from_array(arr: np.ndarray, name: str) -> Image.Image:
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
-        raise ImageError(name, f"arrays must be HxWx3 uint8, got shape {arr.shape} dtype {arr.dtype}")
-    if min(arr.shape[:2]) < MIN_SIDE:
-        raise ImageError(name, f"array is {arr.shape[1]}x{arr.shape[0]} pixels, too small")
-    return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]), "RGB")
-
-
-def _to_rgb(pil: Image.Image, name: str) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency goes to black, deep images are rescaled."""
-    mode = pil.mode
-    if mode == "RGB":
-        return pil
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(pil, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in pil.info):
-        rgba = pil.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("RGB")
-    try:
-        return pil.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageError(name, f"cannot convert image mode {mode} to RGB") from exc
 
 
 def fov_box(pil: Image.Image) -> tuple[int, int, int, int]:
@@ -207,12 +171,6 @@ def fov_box(pil: Image.Image) -> tuple[int, int, int, int]:
     if (bottom - top) * (right - left) < 0.1 * w * h:
         return 0, 0, w, h
     return (max(0, int(left)), max(0, int(top)), min(w, int(round(right))), min(h, int(round(bottom))))
-
-
-def crop_to_fov(pil: Image.Image) -> Image.Image:
-    """Crop to the field of view's bounding box (the caller then stretches it to a square)."""
-    box = fov_box(pil)
-    return pil if box == (0, 0, *pil.size) else pil.crop(box)
 
 
 def _box_sum(a: np.ndarray, radius: int, axis: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Where the tests find their real data, and how they behave when it is missing.
 
-EyePACS photos are never copied into the repository: tests read them from
+EyePACS photos are never copied into the repository: tests (and benchmarks, which import
+EYEPACS from here) read them from the folder named by FUNDUS_SDK_DATA, by default
 ../shared/data/eyepacs256 beside the checkout. Locally a missing folder skips those tests;
 under CI (environment variable CI set) it fails them loudly.
 """
@@ -8,19 +9,24 @@ under CI (environment variable CI set) it fails them loudly.
 from __future__ import annotations
 
 import csv
+import importlib
 import os
+from types import ModuleType
 from pathlib import Path
 
-import pytest
+from fundus_sdk.labels import GRADES
+from training.data import DATA_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-EYEPACS = REPO.parent / "shared" / "data" / "eyepacs256"
+EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256")
 RETINA = FIXTURES / "retina.jpg"
 
 
 def require_eyepacs() -> Path:
     """The EyePACS folder; fails under CI, skips elsewhere, when it is missing."""
+    import pytest
+
     if (EYEPACS / "labels.csv").is_file():
         return EYEPACS
     message = f"{EYEPACS} is missing: tests read the EyePACS photos from ../shared beside the checkout"
@@ -38,7 +44,21 @@ def eyepacs_sample(n: int, split: str = "test", per_grade: bool = False) -> list
     """A fixed, deterministic sample of (path, grade): the first n rows, or n of each grade."""
     rows = eyepacs_rows(split)
     if per_grade:
-        rows = [r for g in "01234" for r in [x for x in rows if x["grade"] == g][:n]]
+        rows = [r for g in GRADES for r in [x for x in rows if x["grade"] == str(g)][:n]]
     else:
         rows = rows[:n]
     return [(EYEPACS / "images" / r["image"], int(r["grade"])) for r in rows]
+
+
+def require(module: str) -> ModuleType:
+    """Import a module that a group of tests needs (torch for training and export): without it
+    they are skipped with the reason in a runtime-only environment, and fail under CI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = f"needs {module} (the train extra: pip install -e '.[train]'): {exc}"
+        import pytest
+
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message, allow_module_level=True)

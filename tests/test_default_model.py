@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import fundus_sdk
-from benchmarks.raw_photos import enhanced_like_eyepacs
 from fundus_sdk import contract, metrics
+from tests.raw_camera import enhanced_like_eyepacs
 from tests.shared import RETINA, eyepacs_rows, require_eyepacs
 
 
@@ -44,8 +44,7 @@ def subset_report(model) -> dict:
     q = model.embed([root / r["image"] for r in queries], batch_size=32)
     g_grades = np.array([int(r["grade"]) for r in gallery])
     q_grades = np.array([int(r["grade"]) for r in queries])
-    ranked = metrics.rank_exact(q, g, 10)
-    return metrics.evaluate(q_grades, g_grades[ranked], g_grades)
+    return metrics.retrieval_report(q, g, q_grades, g_grades, 10)
 
 
 def test_retrieval_on_a_fixed_subset_matches_the_claims(model, subset_report):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fundus_sdk
-from tests.shared import EYEPACS, REPO, eyepacs_rows, eyepacs_sample, require_eyepacs
+from tests.shared import EYEPACS, REPO, eyepacs_rows, eyepacs_sample, require, require_eyepacs
 
 EXAMPLES = REPO / "examples"
 BIN = Path(sys.executable).parent  # where this environment's `fundus-sdk` script lives
@@ -61,11 +61,11 @@ def test_hospital_integration_help(tmp_path: Path) -> None:
 
 
 def test_hospital_integration_defaults(tmp_path: Path) -> None:
-    """On its defaults (EyePACS beside the checkout) with a small gallery: the nearest cases."""
+    """On its defaults (the data set of $FUNDUS_SDK_DATA) with a small gallery: the nearest cases."""
     require_eyepacs()
     index = tmp_path / "cases"
     script = EXAMPLES / "hospital_integration.py"
-    proc = run([sys.executable, script, "--limit", 12, "-k", 4, "--index", index], cwd=tmp_path)
+    proc = run([sys.executable, script, "--limit", 12, "-k", 4, "--index", index], cwd=tmp_path, FUNDUS_SDK_DATA=str(EYEPACS))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     rows = result_rows(proc.stdout)
@@ -77,7 +77,8 @@ def test_hospital_integration_defaults(tmp_path: Path) -> None:
         assert len(ix) == 12  # --index keeps the index
     # a gallery photo as the query finds itself first; a re-run adds nothing twice
     query = next(iter(gallery))
-    again = run([sys.executable, script, "--limit", 12, "-k", 3, "--index", index, "--query", query], cwd=tmp_path)
+    again = run([sys.executable, script, "--limit", 12, "-k", 3, "--index", index, "--query", query], cwd=tmp_path,
+                FUNDUS_SDK_DATA=str(EYEPACS))
     assert again.returncode == 0, again.stderr
     assert f"{index}: 12 cases" in again.stdout
     top = result_rows(again.stdout)[0]
@@ -165,6 +166,7 @@ def test_retrain_and_export_help(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_retrain_and_export_smallest_budget(tmp_path: Path) -> None:
     """Train for one epoch on 64 photos, export, and use the new model file (about 2 minutes)."""
+    require("torch")
     require_eyepacs()
     if not (REPO / "export" / "__main__.py").is_file():
         pytest.skip("the export command (python -m export) is not written yet")

@@ -7,6 +7,10 @@ EfficientNet-Lite0 with its ImageNet weights. Both get a non-zero attention outp
 
 from __future__ import annotations
 
+from tests.shared import require
+
+require("torch")  # the training and export tests: skipped (locally) or failed (CI) without it
+
 import csv
 import json
 import subprocess
@@ -22,11 +26,12 @@ import torch
 
 from export import ExportError, compare_variants, export_checkpoint, export_variants, fingerprint, read_metadata
 from export.__main__ import main as cli_main
-from export.checkpoint import load_checkpoint
 from export.graph import attention_shape_ops, node_counts
 from export.verify import cosine, verify
 from fundus_sdk import contract, metrics
+from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
+from training.checkpoint import load_checkpoint
 from training.model import ExportModule, FundusNet, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,7 +260,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         [sys.executable, "-m", "export", str(bad), "-o", str(tmp_path / "m.onnx")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
-    assert run.returncode == 2
+    assert run.returncode == Exit.FATAL
     assert run.stderr.startswith("export: error: ") and run.stderr.count("\n") == 1
     assert "Traceback" not in run.stderr and str(bad) in run.stderr
 
@@ -268,13 +273,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         ({"model": {}}, "weights do not fit"),
     ],
 )
-def test_bad_checkpoint_contents_exit_2(tmp_path, capsys, change, message):
+def test_bad_checkpoint_contents_exit_fatal(tmp_path, capsys, change, message):
     state = {"model": {}, "model_config": TINY.to_dict(), "train_config": {}, "data": {}}
     for key, value in change.items():
         state[key] = state[key] | value
     path = tmp_path / "c.pt"
     torch.save(state, path)
-    assert cli_main([str(path), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert cli_main([str(path), "-o", str(tmp_path / "m.onnx")]) == Exit.FATAL
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

@@ -53,5 +53,23 @@ def test_rank_exact_orders_by_cosine():
 
 def test_format_report_has_every_grade_and_average():
     text = metrics.format_report(metrics.evaluate([0, 2], [[0, 2], [2, 2]], GALLERY))
-    rows = [line.split()[0] for line in text.splitlines()[1:]]
+    rows = [line.split()[0] for line in text.splitlines()[2:]]  # under the header and its rule
     assert rows == ["0", "2", "micro", "macro"]
+
+
+def test_retrieval_report_ranks_then_evaluates():
+    gallery = np.eye(4, dtype=np.float32)
+    queries = np.array([[0.9, 0.1, 0, 0], [0, 0, 0.2, 0.98]], dtype=np.float32)
+    report = metrics.retrieval_report(queries, gallery, [0, 3], np.array([0, 1, 2, 3]), k=1)
+    assert report["micro"]["mHR"] == 1.0
+    wrong = metrics.retrieval_report(queries, gallery, [1, 2], np.array([0, 1, 2, 3]), k=1)
+    assert wrong["micro"]["mHR"] == 0.0
+
+
+def test_one_table_formatter_aligns_and_speaks_markdown():
+    from fundus_sdk.tables import format_table
+
+    text = format_table(["name", "n"], [["a", 1], ["longer", 22]])
+    lines = text.splitlines()
+    assert lines[1] == "------  --" and lines[3] == "longer  22" and lines[2] == "a        1"
+    assert format_table(["a", "b"], [[1, 2]], markdown=True).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]

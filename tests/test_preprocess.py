@@ -9,10 +9,9 @@ import pytest
 from PIL import Image
 
 from fundus_sdk.errors import ImageError
+from fundus_sdk.inputs import decode
 from fundus_sdk.preprocess import (
     Preprocess,
-    crop_to_fov,
-    decode,
     equalise_channels,
     fov_box,
     fov_mask,
@@ -90,7 +89,7 @@ def test_detail_size_resamples_only_larger_fields_of_view(retina):
     small = retina.resize((180, 180))  # field of view below the cap: untouched
     assert (capped(small) == PP(small)).all()
     big = capped(retina)  # 1411 px: as if the photo had been 200 px
-    assert (big == PP(crop_to_fov(retina).resize((200, 200), Image.BICUBIC))).all()
+    assert (big == PP(retina.crop(fov_box(retina)).resize((200, 200), Image.BICUBIC))).all()
     assert close(big, PP(retina)) > 1.0  # and that differs from using every pixel
 
 
@@ -141,7 +140,8 @@ def test_every_mode_becomes_rgb(tmp_path: Path, retina, mode):
         img = small.convert(mode)
         path = tmp_path / ("img.jpg" if mode in ("L", "CMYK") else "img.png")
     img.save(path)
-    pil, digest = decode(path)
+    decoded = decode(path)
+    pil, digest = decoded.image, decoded.sha256
     assert pil.mode == "RGB" and pil.size == (300, 300)
     assert len(digest) == 64
     out = PP(path)
@@ -153,7 +153,7 @@ def test_every_mode_becomes_rgb(tmp_path: Path, retina, mode):
 def test_transparency_becomes_black(tmp_path):
     rgba = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
     rgba.save(tmp_path / "clear.png")
-    pil, _ = decode(tmp_path / "clear.png")
+    pil = decode(tmp_path / "clear.png").image
     assert np.asarray(pil).max() == 0
 
 
@@ -164,7 +164,7 @@ def test_exif_orientation_is_applied(tmp_path, retina):
     exif[0x0112] = 8  # rotate 90 CW to view: stored image must be rotated 90 CCW by PIL
     small.save(tmp_path / "tagged.jpg", exif=exif, quality=95)
     upright.save(tmp_path / "upright.jpg", quality=95)
-    tagged, _ = decode(tmp_path / "tagged.jpg")
+    tagged = decode(tmp_path / "tagged.jpg").image
     assert tagged.size == upright.size == (300, 400)
     assert structure(PP(tmp_path / "tagged.jpg"), PP(tmp_path / "upright.jpg")) > 0.95
     assert structure(PP(tmp_path / "tagged.jpg"), PP(small)) < 0.5  # the tag really changed it
@@ -173,7 +173,7 @@ def test_exif_orientation_is_applied(tmp_path, retina):
 def test_large_jpeg_is_draft_decoded_like_a_full_decode(tmp_path, retina):
     big = retina.resize((3200, 3200), Image.BICUBIC)
     big.save(tmp_path / "big.jpg", quality=95)
-    drafted, _ = decode(tmp_path / "big.jpg", draft_size=512)
+    drafted = decode(tmp_path / "big.jpg", draft_size=512).image
     assert drafted.size[0] < 3200  # decoded at reduced size
     assert structure(PP(tmp_path / "big.jpg"), PP.from_pil(big)) > 0.95
 

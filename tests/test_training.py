@@ -1,9 +1,13 @@
 """The training side: model, losses, offline weights, data checks and a real tiny run."""
 
+from tests.shared import require
+
+require("torch")  # the training and export tests: skipped (locally) or failed (CI) without it
+
 import csv
 import json
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
+from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
+from tests.shared import FIXTURES, eyepacs_sample
+from training.config import TrainConfig
 from training.data import LabelError, read_labels
 from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
 from training.probe import auc, linear_probe
-from training.train import TrainConfig, train
+from training.train import train
 from training.weights import WeightsUnavailable, imagenet_state_dict
-from tests.shared import FIXTURES, eyepacs_sample
 
 
 def photo_batch(n: int = 2) -> torch.Tensor:
@@ -234,7 +240,7 @@ def test_command_line_defaults_are_the_configs_defaults_and_every_option_reaches
     args = build_parser().parse_args([command, "--data", "somewhere"])
     cfg, model_cfg = configs(args)
     assert model_cfg == ModelConfig()
-    expected = TrainConfig(data="somewhere", preprocess=asdict(Preprocess()))
+    expected = TrainConfig(data="somewhere", preprocess=Preprocess())
     assert replace(cfg, out=expected.out) == expected
     # an option whose name is no config field would be dropped silently by configs()
     field_names = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
@@ -246,9 +252,9 @@ def test_command_line_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path,
     from training.__main__ import main
 
     missing = tmp_path / "nowhere" / "labels.csv"
-    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 1
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == Exit.FATAL
     assert capsys.readouterr().err.strip() == f"error: {missing}: cannot read label file (No such file or directory)"
-    assert main(["probe", "--data", str(missing), "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert main(["probe", "--data", str(missing), "--checkpoint", str(tmp_path / "none.pt")]) == Exit.FATAL
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'none.pt'}: no such checkpoint file"
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--data", str(missing), "--dim", "999"])

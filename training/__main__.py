@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
-from export.checkpoint import ExportError
+from fundus_sdk.errors import Exit
 from fundus_sdk.labels import LabelError
 from fundus_sdk.preprocess import RECIPES, Preprocess
 
 from .ablate import VARIANTS
+from .checkpoint import CheckpointError
+from .config import TrainConfig
 from .losses import LOSSES
 from .model import MIRRORING, ModelConfig
-from .train import TrainConfig, train
+from .train import train
 from .weights import WeightsUnavailable
 
 
@@ -47,6 +49,12 @@ def add_schedule(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--batches-per-epoch", type=int, default=TrainConfig.batches_per_epoch)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--backbone-lr", type=float, default=TrainConfig.backbone_lr)
+    p.add_argument("--ordinal-weight", type=float, default=TrainConfig.ordinal_weight,
+                   help="weight of the ordinal term (expected grade vs grade; 0: off)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=TrainConfig.device,
+                   help="auto: CUDA when visible (bf16 autocast), else the CPU")
+    p.add_argument("--init", default=TrainConfig.init, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (fine-tune an existing model)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
 
 
@@ -99,7 +107,7 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     cfg = TrainConfig(
         **{f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts},
         pretrained=not opts.get("no_pretrained", False),
-        preprocess=asdict(Preprocess(recipe=args.recipe)),
+        preprocess=Preprocess(recipe=args.recipe),
     )
     return cfg, model_cfg
 
@@ -123,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             print(format_probe(probe(cfg, model_cfg, args.checkpoint)))
         else:
             train(cfg, model_cfg, resume=args.resume)
-    except (LabelError, WeightsUnavailable, ExportError) as exc:  # bad input: the message names it
+    except (LabelError, WeightsUnavailable, CheckpointError) as exc:  # bad input: the message names it
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        return Exit.FATAL
+    except KeyboardInterrupt:
+        print("interrupted (resume with --resume)", file=sys.stderr)
+        return Exit.INTERRUPTED
+    return Exit.OK
 
 
 if __name__ == "__main__":

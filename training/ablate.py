@@ -27,8 +27,11 @@ import torch
 
 from fundus_sdk import metrics
 
+from .cache import clean_maps_by_split, embed_maps
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
 from .model import FundusNet, ModelConfig
-from .train import TrainConfig, clean_maps_by_split, embed_maps, train
+from .train import train
 
 VARIANTS: dict[str, dict | None] = {
     "imagenet-gem": None,
@@ -47,8 +50,7 @@ def untrained_report(cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
     maps, grades, is_test = clean_maps_by_split(net, cfg)
     desc = embed_maps(net, maps, pooled=True)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    ranked = metrics.rank_exact(desc[is_test], desc[~is_test], cfg.k)
-    return metrics.evaluate(grades[is_test], grades[~is_test][ranked], grades[~is_test])
+    return metrics.retrieval_report(desc[is_test], desc[~is_test], grades[is_test], grades[~is_test], cfg.k)
 
 
 def inference_ms(model_cfg: ModelConfig, threads: int, batch: int = 16) -> float:
@@ -80,7 +82,7 @@ def run(base: TrainConfig, model_cfg: ModelConfig, out: Path, variants: list[str
             else:
                 mcfg = replace(model_cfg, mirroring=spec["mirroring"])
                 cfg = replace(base, out=str(out / f"{name}-seed{seed}"), seed=seed, loss=spec["loss"], validate=False)
-                report = torch.load(train(cfg, mcfg), map_location="cpu", weights_only=True)["test"]
+                report = load_checkpoint(train(cfg, mcfg)).state["test"]
             entry = {"variant": name, "seed": seed, "seconds": time.time() - started, "report": report}
             results.append(json.loads(json.dumps(entry)))  # as stored: grade keys become strings
             results_file.write_text(json.dumps(results, indent=2))

@@ -3,6 +3,7 @@ class-balanced sampling."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +12,16 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fundus_sdk import labels
-from fundus_sdk.files import IMAGE_SUFFIXES
-from fundus_sdk.labels import GRADES, LabelError
+from fundus_sdk.inputs import IMAGE_SUFFIXES
+from fundus_sdk.labels import GRADE_RANGE, GRADES, LabelError
+
+DATA_ENV = "FUNDUS_SDK_DATA"  # a labelled data set (a folder holding labels.csv and images/)
+
+
+def default_data() -> Path | None:
+    """The data set named by the FUNDUS_SDK_DATA environment variable, or None when unset."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -35,19 +44,19 @@ def read_labels(csv_path: str | Path, image_root: str | Path | None = None) -> l
 
 
 def read_folder(root: str | Path) -> list[Record]:
-    """Records from a folder laid out as root/<grade 0-4>/<image>."""
+    """Records from a folder laid out as root/<grade>/<image> (grades as in fundus_sdk.labels)."""
     root = Path(root)
     records = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         if not sub.name.isdigit() or int(sub.name) not in GRADES:
-            raise LabelError(f"{sub}: sub-folders must be named by grade 0-4")
+            raise LabelError(f"{sub}: sub-folders must be named by grade {GRADE_RANGE}")
         records += [
             Record(p, int(sub.name), p.stem)
             for p in sorted(sub.iterdir())
             if p.suffix.lower() in IMAGE_SUFFIXES
         ]
     if not records:
-        raise LabelError(f"{root}: no images in grade sub-folders 0/ .. 4/")
+        raise LabelError(f"{root}: no images in grade sub-folders {GRADES[0]}/ .. {GRADES[-1]}/")
     return records
 
 

@@ -1,4 +1,5 @@
-"""Metric-learning losses on unit descriptors: the fine triplet loss and a batch-hard baseline."""
+"""Losses: metric learning on unit descriptors (the fine triplet loss, a batch-hard baseline) and
+the ordinal term on the grade head."""
 
 from __future__ import annotations
 
@@ -64,6 +65,16 @@ def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: flo
     hardest_pos = dist.masked_fill(~pos, -1.0).max(1).values
     hardest_neg = dist.masked_fill(~neg, 4.0).min(1).values
     return F.relu(hardest_pos - hardest_neg + margin)[valid].mean()
+
+
+def ordinal_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
+    """Expected grade under the grade head's softmax against the true grade (smooth L1).
+
+    Cross-entropy treats every wrong grade alike; this term costs more the further the
+    probability mass sits from the true grade, so 0 and 4 are pushed further apart than 1 and 2.
+    """
+    expected = torch.softmax(logits.float(), dim=1) @ torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
+    return F.smooth_l1_loss(expected, grades.float())
 
 
 LOSSES = ("fine", "circle", "batch-hard")

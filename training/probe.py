@@ -14,17 +14,18 @@ giving up grade 0, whose photos outnumber it in every neighbourhood.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from export.checkpoint import load_checkpoint
 from fundus_sdk.labels import GRADES
 
+from .cache import clean_maps_by_split, embed_maps
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
 from .model import FundusNet, ModelConfig
-from .train import TrainConfig, clean_maps_by_split, embed_maps
 
 
 def auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -73,7 +74,7 @@ def probe(cfg: TrainConfig, model_cfg: ModelConfig, checkpoint: str | None = Non
         net = ckpt.module().net
         run = ckpt.train_config  # the run's split and preprocessing: its trunk cache is reused
         cfg = replace(
-            cfg, preprocess=asdict(ckpt.preprocess),
+            cfg, preprocess=ckpt.preprocess,
             val_fraction=run.get("val_fraction", cfg.val_fraction), data_seed=run.get("data_seed", cfg.data_seed),
         )
     else:

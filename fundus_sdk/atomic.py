@@ -1,0 +1,40 @@
+"""Writing a file so that no reader ever sees half of it: aside, flushed, then renamed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def write_atomically(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds, it replaces `path`.
+
+    The temporary name carries the process id, so two writers never touch each other's file.
+    On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is unchanged.
+    With `durable`, the file and the directory entry are fsynced before returning.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)

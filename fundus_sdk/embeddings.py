@@ -1,0 +1,101 @@
+"""Embedding files: the vectors `fundus-sdk embed` writes and `index add` reads back.
+
+Two formats, chosen by the file's suffix:
+- `.npz`: arrays `vectors` (n, dim) float32, `paths`, `sha256`, and the model's
+  `model_fingerprint` and `model_name`;
+- `.jsonl` (or `.json`): one JSON object per line with path, sha256, model_fingerprint, vector.
+Both carry the model's fingerprint, so an index refuses vectors from another model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_atomically
+from .errors import FundusError
+
+FORMATS = {".npz": "npz", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+class EmbeddingFileError(FundusError):
+    """An embedding file that cannot be read; the message names the file and the reason."""
+
+
+@dataclass
+class Embeddings:
+    """Vectors with the path and content hash of the photo each came from, and their model."""
+
+    vectors: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+    model_fingerprint: str
+    model_name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def file_format(path: str | Path, fmt: str | None = None) -> str:
+    """"npz" or "jsonl": `fmt` when given, else from the suffix (npz when it names neither)."""
+    return fmt or FORMATS.get(Path(path).suffix.lower(), "npz")
+
+
+def write_embeddings(path: str | Path, embeddings: Embeddings, fmt: str | None = None) -> Path:
+    """Write `embeddings` to `path` atomically (a reader never sees half a file)."""
+    path = Path(path)
+    with write_atomically(path, durable=False) as tmp:
+        if file_format(path, fmt) == "npz":
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    vectors=embeddings.vectors,
+                    paths=np.array(embeddings.paths, dtype=str),
+                    sha256=np.array(embeddings.sha256, dtype=str),
+                    model_fingerprint=np.array(embeddings.model_fingerprint),
+                    model_name=np.array(embeddings.model_name),
+                )
+        else:
+            with open(tmp, "w") as f:
+                for p, sha, vec in zip(embeddings.paths, embeddings.sha256, embeddings.vectors):
+                    row = {"path": p, "sha256": sha, "model_fingerprint": embeddings.model_fingerprint, "vector": vec.tolist()}
+                    f.write(json.dumps(row) + "\n")
+    return path
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Read an embedding file written by `write_embeddings`; EmbeddingFileError names what is wrong."""
+    path = Path(path)
+    try:
+        return _read_npz(path) if file_format(path) == "npz" else _read_jsonl(path)
+    except EmbeddingFileError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise EmbeddingFileError(f"{path}: not a readable embedding file ({exc})") from exc
+
+
+def _read_npz(path: Path) -> Embeddings:
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("vectors", "paths", "sha256", "model_fingerprint") if k not in data]
+        if missing:
+            raise EmbeddingFileError(f"{path}: not an embedding file from `fundus-sdk embed` (missing {', '.join(missing)})")
+        return Embeddings(
+            np.asarray(data["vectors"], dtype=np.float32),
+            data["paths"].tolist(),
+            data["sha256"].tolist(),
+            str(data["model_fingerprint"]),
+            str(data["model_name"]) if "model_name" in data else "",
+        )
+
+
+def _read_jsonl(path: Path) -> Embeddings:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fingerprints = {r["model_fingerprint"] for r in rows}
+    if len(fingerprints) > 1:
+        raise EmbeddingFileError(f"{path}: rows from {len(fingerprints)} different models")
+    vectors = np.array([r["vector"] for r in rows], dtype=np.float32)
+    return Embeddings(vectors, [r["path"] for r in rows], [r["sha256"] for r in rows], fingerprints.pop() if rows else "")

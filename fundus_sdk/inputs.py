@@ -1,0 +1,164 @@
+"""The one door for inputs: find image files, recognise, decode, orient and hash any input.
+
+An input is a file path, the bytes of a file, a binary file object, a PIL image or an HxWx3
+uint8 array. Whatever it is, `decode()` returns a `Decoded`: an 8-bit RGB PIL image the right
+way up (EXIF orientation applied), the sha256 that identifies it (of the file's bytes for
+encoded inputs, of the pixels and their shape for in-memory images), its format as recognised
+from its content (never from a file name; raster formats only) and a name for messages. Preprocessing takes it from
+there (fundus_sdk.preprocess). Every failure is an ImageError naming the input and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError, describe
+
+ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarray]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
+
+# The still raster formats PIL may recognise an encoded input as (by its content, whatever its
+# name). Vector and document formats (EPS, PS, PDF) are never opened: PIL hands them to
+# Ghostscript.
+RASTER_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "JPEG2000", "GIF", "PPM", "TGA", "SGI", "ICO", "DDS")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded input: RGB pixels the right way up, its identity and where it came from."""
+
+    image: Image.Image
+    sha256: str
+    format: str  # "JPEG", "PNG", ... or "array" / "PIL" for in-memory images
+    name: str  # for messages: the path, or the input's type
+
+
+def find_images(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """Image files named directly, plus those inside the folders given, in a stable order.
+
+    Files named directly are kept whatever their suffix (the user asked for them; the content
+    decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES.
+    Raises FileNotFoundError for a path that does not exist.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found += sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    seen: set[Path] = set()
+    return [f for f in found if not (f in seen or seen.add(f))]
+
+
+def pixel_hash(rgb: np.ndarray) -> str:
+    """sha256 of an image's pixels with their shape: the identity of an in-memory image."""
+    pixels = np.ascontiguousarray(rgb)
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+
+
+def read_bytes(source: ImageInput) -> tuple[bytes, str] | None:
+    """(encoded bytes, name) of a path, bytes or file object; None for in-memory images."""
+    name = describe(source)
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    elif isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
+    elif hasattr(source, "read"):
+        try:
+            data = source.read()
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file object ({exc})") from exc
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(name, "file objects must be opened in binary mode")
+        name = str(getattr(source, "name", name))
+    else:
+        return None
+    if not data:
+        raise ImageError(name, "empty input (0 bytes)")
+    return bytes(data), name
+
+
+def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:
+    """Decode any supported input to RGB. JPEGs decode in draft mode at about `draft_size` px.
+
+    Raises ImageError naming the input for anything that is not a readable, sane image.
+    """
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        rgb = _to_rgb(ImageOps.exif_transpose(source), name)
+        return Decoded(rgb, pixel_hash(np.asarray(source)), "PIL", name)
+    if isinstance(source, np.ndarray):
+        rgb = _from_array(source, name)
+        return Decoded(rgb, pixel_hash(np.asarray(source)), "array", name)
+    encoded = read_bytes(source)
+    if encoded is None:
+        raise ImageError(name, "expected a file path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array")
+    data, name = encoded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            pil = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            fmt = pil.format
+            w, h = pil.size
+            if min(w, h) < MIN_SIDE:
+                raise ImageError(name, f"image is {w}x{h} pixels, too small to be a fundus photo")
+            if draft_size and fmt == "JPEG":
+                pil.draft(None, (draft_size, draft_size))
+            pil = ImageOps.exif_transpose(pil)
+            pil.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError(name, f"refused as a decompression bomb ({exc})") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise ImageError(name, "not an image file PIL can identify (raster formats only)") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(name, f"corrupt or truncated image ({exc})") from exc
+    return Decoded(_to_rgb(pil, name), hashlib.sha256(data).hexdigest(), fmt, name)
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.dtype != np.uint8:
+        raise ImageError(name, f"arrays must be HxWx3 uint8, got shape {arr.shape} dtype {arr.dtype}")
+    if min(arr.shape[:2]) < MIN_SIDE:
+        raise ImageError(name, f"array is {arr.shape[1]}x{arr.shape[0]} pixels, too small")
+    return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]), "RGB")
+
+
+def _to_rgb(pil: Image.Image, name: str) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency goes to black, deep images are rescaled."""
+    mode = pil.mode
+    if mode == "RGB":
+        return pil
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(pil, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(scaled.astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    try:
+        return pil.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(name, f"cannot convert image mode {mode} to RGB") from exc

@@ -1,0 +1,39 @@
+"""Embedding files (what `fundus-sdk embed` writes and `index add` reads): both formats round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fundus_sdk import Embeddings, read_embeddings, write_embeddings
+from fundus_sdk.embeddings import EmbeddingFileError
+
+
+def sample(n: int = 3, dim: int = 8) -> Embeddings:
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return Embeddings(v, [f"p{i}.jpg" for i in range(n)], [f"{i:064x}" for i in range(n)], "ab" * 32, "m 1.0")
+
+
+@pytest.mark.parametrize("name", ["e.npz", "e.jsonl", "e.json"])
+def test_round_trip(tmp_path, name):
+    written = sample()
+    path = write_embeddings(tmp_path / name, written)
+    back = read_embeddings(path)
+    assert np.allclose(back.vectors, written.vectors) and back.vectors.dtype == np.float32
+    assert back.paths == written.paths and back.sha256 == written.sha256
+    assert back.model_fingerprint == written.model_fingerprint
+    assert not [p for p in tmp_path.iterdir() if p.name != name]  # no temporary file left
+
+
+def test_an_npz_of_something_else_names_what_is_missing(tmp_path):
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(EmbeddingFileError, match="other.npz: .*missing vectors, paths, sha256, model_fingerprint"):
+        read_embeddings(tmp_path / "other.npz")
+
+
+def test_a_broken_file_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(EmbeddingFileError, match="bad.npz: not a readable embedding file"):
+        read_embeddings(tmp_path / "bad.npz")

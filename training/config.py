@@ -1,0 +1,72 @@
+"""A training run's configuration and the data splits it trains, selects and tests on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from fundus_sdk.preprocess import Preprocess
+
+from .data import Record, read_source, split_by_patient, train_test
+from .losses import LOSSES
+from .model import ModelConfig
+
+VAL_GALLERY = 2000  # validation ranks against about this many training photos (a fixed slice)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/default"
+    epochs: int = 6
+    aug_views: int = 2
+    batch_size: int = 60
+    balance_power: float = 0.5  # grade quotas per batch ~ count ** power (0: uniform, 1: natural)
+    batches_per_epoch: int = 0  # 0: one pass over the training images per epoch
+    lr: float = 1e-3
+    backbone_lr: float = 3e-4
+    weight_decay: float = 1e-4
+    loss: str = "fine"
+    aux_weight: float = 0.5
+    val_fraction: float = 0.1
+    k: int = 10
+    seed: int = 0  # initialisation, batch sampling, choice of cached view
+    data_seed: int = 0  # validation split and augmentation pool (kept fixed across seeds)
+    pretrained: bool = True
+    limit: int = 0  # >0: use only this many images of each split (smoke tests)
+    stop_after: int = 0  # >0: stop after this many epochs of this invocation (resume later)
+    validate: bool = True  # False: no validation, the last epoch is kept (ablations compare like this)
+    cache_dir: str = "runs/cache"
+    threads: int = 2
+    ordinal_weight: float = 0.0  # weight of the ordinal term: expected grade of the grade head vs the grade
+    device: str = "auto"  # auto (CUDA when visible), cpu or cuda (bf16 autocast)
+    init: str = ""  # a checkpoint to start from (fine-tuning an existing model)
+    preprocess: Preprocess = field(default_factory=Preprocess)  # its size is the model's input size
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.preprocess, dict):  # as stored in a checkpoint
+            self.preprocess = Preprocess(**self.preprocess)
+
+    def preprocess_for(self, model_cfg: ModelConfig) -> Preprocess:
+        """This run's preprocessing at the model's input size: the one source of the input size."""
+        return replace(self.preprocess, size=model_cfg.input_size)
+
+
+def split_records(cfg: TrainConfig) -> tuple[list[Record], list[Record], list[Record]]:
+    """(fit, validation, test): the data's train/test split, validation carved from train by patient."""
+    train_recs, test_recs = train_test(read_source(cfg.data), cfg.data_seed)
+    if cfg.limit:
+        train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
+    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+    return fit_recs, val_recs, test_recs
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
