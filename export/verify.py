@@ -21,6 +21,7 @@ from fundus_sdk.contract import INPUT_NAME, PRECISION
 from fundus_sdk.errors import ImageError, one_line
 from fundus_sdk.inputs import find_images
 from fundus_sdk.preprocess import Preprocess
+from fundus_sdk.tables import format_table
 
 from .errors import ExportError
 from .metadata import read_metadata
@@ -193,12 +194,12 @@ def compare_variants(
 
 def format_reports(reports: Sequence[VariantReport]) -> str:
     """A plain-text table of variant reports (cosine and k-NN agreement are to the first row)."""
-    lines = [f"{'file':<32} {'precision':>9} {'MB':>7} {'ms/img':>7} {'cos mean':>9} {'cos min':>9} {'kNN agree':>9}"]
-    for r in reports:
-        lines.append(
-            f"{r.path.name:<32} {r.precision:>9} {r.size_bytes / 1e6:>7.2f} {r.ms_per_image:>7.1f} "
-            f"{r.cosine_mean:>9.5f} {r.cosine_min:>9.5f} {r.knn_agreement:>9.3f}"
-        )
+    rows = [
+        [r.path.name, r.precision, f"{r.size_bytes / 1e6:.2f}", f"{r.ms_per_image:.1f}",
+         f"{r.cosine_mean:.5f}", f"{r.cosine_min:.5f}", f"{r.knn_agreement:.3f}"]
+        for r in reports
+    ]  # fmt: skip
+    lines = [format_table(["file", "precision", "MB", "ms/img", "cos mean", "cos min", "kNN agree"], rows)]
     for r in reports:
         if r.retrieval is not None:
             lines += ["", f"retrieval, {r.path.name} ({r.precision}): test split against train split", metrics.format_report(r.retrieval)]

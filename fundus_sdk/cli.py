@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from . import __version__, metrics
 from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
-from .index import Hit, Index
+from .filters import FilterError, conditions_to_where
+from .index import RESERVED, Conflict, Hit, Index
 from .inputs import find_images
-from .labels import read_labels
+from .labels import match_labels, parse_value, read_labels
 from .model import load_model
+from .tables import format_table
 
 
 def fatal(message: str) -> None:
@@ -43,6 +46,8 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (FundusError, FileNotFoundError, ValueError) as exc:
             fatal(str(exc))
+        except KeyError as exc:  # a case that is not in the index
+            fatal(str(exc.args[0]))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(Exit.INTERRUPTED)
@@ -68,6 +73,7 @@ model_option = click.option(
     "--model", "model_path", type=click.Path(dir_okay=False), help="ONNX model file (default: the bundled model)."
 )
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+COMMIT_SECONDS = 20.0  # `index add` commits at least this often: what an interruption can lose
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 recursive_option = click.option("-r", "--recursive", is_flag=True, help="Look for images in sub-folders too.")
@@ -121,7 +127,7 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
                 report_failure(err)
             failures += len(errors)
             vectors.append(vecs)
-            names += [str(files[p]) for p in positions]
+            names += [str(files[p].resolve()) for p in positions]  # opens from any directory
             hashes += digests
             advance(len(positions) + len(errors))
     elapsed = time.perf_counter() - started
@@ -169,65 +175,100 @@ def index_create(directory, model_path, dtype) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--labels", type=click.Path(dir_okay=False), help="CSV with columns image, grade and any others (kept as metadata).")
+@click.option("--allow-unlabelled", is_flag=True, help="With --labels: add photos that have no row (without a grade) instead of skipping them.")
+@click.option("--update", is_flag=True, help="Photos already in the index: store the given metadata instead of keeping the stored values.")
 @recursive_option
 @batch_option
 @model_option
 @quiet_option
 @handle_errors
-def index_add(directory, paths, labels, recursive, batch_size, model_path, quiet) -> None:
+def index_add(directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, quiet) -> None:
     """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
-    Photos already in the index (same content hash) are not added twice. Work is committed in
-    steps of 256 photos: an interruption leaves the index as of the last step, never broken.
+    With --labels, each photo's row is found by its path relative to the folder given (or as
+    the CSV names it, against the CSV's folder); a bare file name that fits two photos is an
+    error. Photos without a row are named and skipped (--allow-unlabelled adds them ungraded).
+    Photos already in the index (same content) are recognised before any decoding and not
+    embedded again; metadata other than the stored one is named and not applied unless
+    --update. Work is committed every 20 seconds: an interruption loses at most that, and a
+    re-run completes exactly what is missing.
 
     \b
     Example:
       fundus-sdk index add cases/ photos/ --labels grades.csv
     """
     ix = Index.open(directory, model=load_model(model_path) if model_path else None)
+    failures, conflicts = 0, 0
+
+    def failed(err: ImageError) -> None:
+        nonlocal failures
+        failures += 1
+        report_failure(err)
+
+    def conflict(c: Conflict) -> None:
+        nonlocal conflicts
+        conflicts += 1
+        click.echo(f"kept {c} (--update stores it)", err=True)
+
+    on_conflict = "update" if update else conflict
     with ix:
         before = len(ix)
         for file in (p for p in paths if Path(p).suffix.lower() in FORMATS):
-            add_embeddings(ix, Path(file), labels)
+            data = read_embeddings(file)
+            files = [Path(p) for p in data.paths]
+            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed)
+            ix.add(
+                data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
+                hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
+                on_conflict=on_conflict,
+            )  # fmt: skip
         photos = [p for p in paths if Path(p).suffix.lower() not in FORMATS]
         files = find_images(photos, recursive) if photos else []
         if photos and not files:
             fatal(f"no images found in {', '.join(photos)}")
-        failures: list[ImageError] = []
         if files:
-            meta = label_metadata(files, labels)
-            with progress(len(files), "adding", quiet) as advance:
-                ix.add(files, meta, on_error=lambda e: (failures.append(e), report_failure(e)), batch_size=batch_size, commit_every=256, progress=advance)
-        click.echo(f"added {len(ix) - before} cases ({len(failures)} failed); {directory} now holds {len(ix)}")
-    if failures:
+            folders = [Path(p) for p in photos if Path(p).is_dir()]
+            keep, meta = label_metadata(files, labels, folders, allow_unlabelled, failed)
+            with progress(len(keep), "adding", quiet) as advance:
+                ix.add(
+                    [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
+                    batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance,
+                )  # fmt: skip
+        kept = f", {conflicts} conflicting values kept" if conflicts else ""
+        click.echo(f"added {len(ix) - before} cases ({failures} failed{kept}); {directory} now holds {len(ix)}")
+    if failures or conflicts:
         sys.exit(Exit.PARTIAL)
 
 
-def add_embeddings(ix: Index, file: Path, labels_csv: str | None = None) -> None:
-    """Add the vectors of an embedding file from `embed`, with label metadata matched by their recorded paths."""
-    data = read_embeddings(file)
-    labels = label_metadata([Path(p) for p in data.paths], labels_csv)
-    ix.add(
-        data.vectors,
-        [{**(meta or {}), "path": p, "sha256": s or None} for p, s, meta in zip(data.paths, data.sha256, labels)],
-        model_fingerprint=data.model_fingerprint,
-    )
+def label_metadata(
+    files: list[Path], labels_csv: str | None, folders: list[Path], allow_unlabelled: bool, failed: Callable[[ImageError], None]
+) -> tuple[list[int], list[dict | None]]:
+    """(positions of the files to add, metadata per file) from a label CSV (fundus_sdk.labels.match_labels).
 
-
-def label_metadata(files: list[Path], labels_csv: str | None) -> list[dict | None]:
-    """Metadata per file from a label CSV, matched by the CSV's image path or file name."""
+    Columns named like what the index derives itself (key, path, sha256, added) are kept under
+    `label_<name>`, said so on stderr. Files without a row go to `failed` unless allowed.
+    """
     if labels_csv is None:
-        return [None] * len(files)
+        return list(range(len(files))), [None] * len(files)
     rows = read_labels(labels_csv, require_grade=False, require_files=False)
-    by_name = {Path(r.image).name: r for r in rows} | {r.image: r for r in rows}
-    meta: list[dict | None] = []
-    for f in files:
-        row = by_name.get(f.name) or by_name.get(str(f))
-        meta.append(None if row is None else {"grade": row.grade, **row.fields})
-    unmatched = sum(m is None for m in meta)
-    if unmatched:
-        click.echo(f"note: {unmatched} photos have no row in {labels_csv} and are added without a grade", err=True)
-    return meta
+    clashes = sorted({name for r in rows for name in r.fields if name in RESERVED})
+    if clashes:
+        click.echo(f"note: {labels_csv}: column(s) {', '.join(clashes)} kept as "
+                   f"{', '.join('label_' + c for c in clashes)} (the index derives {', '.join(RESERVED)} itself)", err=True)
+    keep, meta = [], []
+    for i, (f, row) in enumerate(zip(files, match_labels(files, rows, folders))):
+        if row is None:
+            meta.append(None)
+            if not allow_unlabelled:
+                failed(ImageError(f, f"no row in {labels_csv} (--allow-unlabelled adds it without a grade)"))
+                continue
+        else:
+            meta.append({("label_" + k if k in RESERVED else k): v for k, v in row.metadata().items()})
+        keep.append(i)
+    unlabelled = sum(m is None for m in meta)
+    if allow_unlabelled and unlabelled:
+        click.echo(f"note: {unlabelled} photos have no row in {labels_csv} and are added without a grade", err=True)
+    return keep, meta
 
 
 @index.command("info")
@@ -252,58 +293,133 @@ def index_info(directory, as_json) -> None:
 
 @index.command("remove")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.argument("keys", nargs=-1, required=True, type=int)
+@click.argument("cases", nargs=-1, required=True)
 @handle_errors
-def index_remove(directory, keys) -> None:
-    """Remove cases by key (as `search` shows them).
+def index_remove(directory, cases) -> None:
+    """Remove cases named by key (as `search` shows them), sha256 or photo path.
 
     \b
     Example:
-      fundus-sdk index remove cases/ 12 13
+      fundus-sdk index remove cases/ 12 13 photos/p7_left.jpg
     """
     with Index.open(directory) as ix:
-        removed = ix.remove(keys)
-    click.echo(f"removed {removed} of {len(keys)} keys")
-    if removed < len(keys):
+        removed = ix.remove([case_ref(c) for c in cases])
+    click.echo(f"removed {removed} of {len(cases)} cases")
+    if removed < len(cases):
         sys.exit(Exit.PARTIAL)
 
 
-# -- search and evaluate -----------------------------------------------------------------------------
+@index.command("update")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("case")
+@click.option("--set", "assignments", multiple=True, required=True, metavar="FIELD=VALUE",
+              help="A field to set (repeatable); an empty VALUE removes the field.")
+@json_option
+@handle_errors
+def index_update(directory, case, assignments, as_json) -> None:
+    """Correct a case named by key, sha256 or photo path: set (or remove) metadata fields.
 
+    Every change is recorded with its time and the old value (see `index history`).
 
-def parse_where(pairs: tuple[str, ...]) -> dict[str, Any] | None:
-    """--where grade=2 --where eye=left,right  ->  {"grade": [2], "eye": ["left", "right"]}."""
-    where: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
+    \b
+    Example:
+      fundus-sdk index update cases/ 12 --set grade=3 --set note="re-graded by retina clinic"
+    """
+    values = {}
+    for text in assignments:
+        name, sep, raw = text.partition("=")
         if not sep or not name:
-            raise click.BadParameter(f"{pair!r}: expected FIELD=VALUE[,VALUE...]", param_hint="--where")
-        where[name] = [int(v) if v.lstrip("-").isdigit() else v for v in value.split(",")]
-    return where or None
+            raise click.BadParameter(f"{text!r}: expected FIELD=VALUE", param_hint="--set")
+        values[name] = parse_value(raw) if raw != "" else None
+    with Index.open(directory) as ix:
+        before = ix.get(case_ref(case))
+        after = ix.update(before.key, values)
+    if as_json:
+        click.echo(json.dumps(after.to_dict(), indent=2))
+    else:
+        click.echo(f"case {after.key} ({after.path}): grade {after.grade}, {json.dumps(after.metadata)}")
+
+
+@index.command("history")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("case", required=False)
+@json_option
+@handle_errors
+def index_history(directory, case, as_json) -> None:
+    """Every recorded change of a stored value (of one case, or of all): when, old, new.
+
+    \b
+    Example:
+      fundus-sdk index history cases/ 12
+    """
+    with Index.open(directory, read_only=True) as ix:
+        changes = ix.history(case_ref(case) if case is not None else None)
+    if as_json:
+        click.echo(json.dumps([asdict(c) for c in changes], indent=2))
+    else:
+        click.echo(format_table(["key", "at", "field", "old", "new"], [[c.key, c.at, c.field, c.old, c.new] for c in changes]))
+
+
+@index.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None, help="Default: from the suffix, else csv.")
+@handle_errors
+def index_export(directory, output, fmt) -> None:
+    """Write every case (key, path, sha256, grade, added and the metadata; not the vectors).
+
+    \b
+    Example:
+      fundus-sdk index export cases/ -o cases.csv
+    """
+    with Index.open(directory, read_only=True) as ix:
+        n = ix.export(output, fmt)
+    click.echo(f"exported {n} cases -> {output}")
+
+
+def case_ref(text: str) -> int | str:
+    """A case named on the command line: a key (digits), else a sha256 or a path."""
+    return int(text) if text.isdigit() else text
+
+
+# -- search and evaluate -----------------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="The case index to search.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 1000), help="How many cases per photo.")
-@click.option("--where", multiple=True, help="Keep only cases with FIELD=VALUE (repeatable; VALUE may be a,b).")
+@click.option("--where", multiple=True, metavar="COND",
+              help="Keep only cases where FIELD=VALUE[,VALUE...] or FIELD op VALUE, op one of != < <= > >= (repeatable).")
+@click.option("--exclude", multiple=True, metavar="COND", help="Leave out cases matching COND, e.g. patient=10310 (repeatable).")
 @model_option
 @json_option
 @handle_errors
-def search(images, index_dir, k, where, model_path, as_json) -> None:
+def search(images, index_dir, k, where, exclude, model_path, as_json) -> None:
     """Find the cases most similar to each photo.
+
+    Values compare by type: numbers as numbers (as label CSVs store them), text as text. A
+    field that no case has is an error naming the fields the index knows.
 
     \b
     Example:
-      fundus-sdk search new_photo.jpg --index cases/ -k 5 --where grade=2,3
+      fundus-sdk search new_photo.jpg --index cases/ -k 5 --where grade=2,3 --exclude patient=10310
     """
-    filters = parse_where(where)
+    try:
+        filters, leave_out = conditions_to_where(where), conditions_to_where(exclude)
+    except FilterError as exc:
+        raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
     failures = 0
     results = []
     with Index.open(index_dir, read_only=True, model=load_model(model_path) if model_path else None) as ix:
+        if filters or leave_out:
+            try:
+                ix.cases(filters, leave_out)  # an unknown field fails here, before any photo is embedded
+            except FilterError as exc:
+                raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
         for image in images:
             try:
-                hits = ix.search(image, k=k, where=filters)
+                hits = ix.search(image, k=k, where=filters or None, exclude=leave_out or None)
             except ImageError as err:
                 report_failure(err)
                 failures += 1
@@ -319,11 +435,10 @@ def search(images, index_dir, k, where, model_path, as_json) -> None:
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
-    lines = [f"{query}", f"{'rank':>4}  {'score':>6}  {'grade':>5}  {'key':>6}  path"]
-    for rank, h in enumerate(hits, 1):
-        grade = "-" if h.grade is None else str(h.grade)
-        lines.append(f"{rank:>4}  {h.score:>6.3f}  {grade:>5}  {h.key:>6}  {h.path or ''}")
-    return "\n".join(lines)
+    rows = [
+        [rank, f"{h.score:.3f}", "-" if h.grade is None else h.grade, h.key, h.path or ""] for rank, h in enumerate(hits, 1)
+    ]
+    return f"{query}\n" + format_table(["rank", "score", "grade", "key", "path"], rows, align="rrrrl")
 
 
 @main.command()

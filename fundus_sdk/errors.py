@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
+from typing import Union
 
 
 class FundusError(Exception):
@@ -17,6 +20,32 @@ class ImageError(FundusError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{self.source}: {reason}")
+
+
+OnError = Union[str, Callable[[ImageError], None]]
+
+
+def error_policy(on_error: OnError, stacklevel: int = 3) -> Callable[[ImageError], None]:
+    """What to do with an input that fails, as one function: the one reading of `on_error`.
+
+    "raise" raises the ImageError; "skip" warns and goes on; a callable receives each error.
+    Anything else is a ValueError at once, before any work.
+    """
+    if on_error == "raise":
+
+        def policy(err: ImageError) -> None:
+            raise err
+
+    elif on_error == "skip":
+
+        def policy(err: ImageError) -> None:
+            warnings.warn(f"skipped {err}", stacklevel=stacklevel)
+
+    elif callable(on_error):
+        policy = on_error
+    else:
+        raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
+    return policy
 
 
 class ModelError(FundusError):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import metrics
-from .errors import CaseIndexError, ImageError
+from .errors import CaseIndexError, OnError, error_policy
 from .index import Index
 from .labels import GRADES, Label
 
@@ -19,7 +19,7 @@ def evaluate_index(
     queries: Sequence[Label],
     k: int = 10,
     *,
-    on_error: Callable[[ImageError], None] | None = None,
+    on_error: OnError = "raise",
     progress: Callable[[int], None] | None = None,
     batch_size: int = 16,
 ) -> dict:
@@ -27,18 +27,17 @@ def evaluate_index(
     graded cases.
 
     A query photo that is itself in the index (same content hash) never counts as its own hit.
-    Unreadable queries go to `on_error` (raised when it is None); `progress(n)` after each batch.
+    Unreadable queries go to `on_error` (as for embed); `progress(n)` after each batch.
     Raises CaseIndexError when the index holds no graded case, ValueError when no query was read.
     """
+    failed = error_policy(on_error)
     gallery = index.grades()
     if gallery.size == 0:
         raise CaseIndexError(f"{index.path} holds no graded cases")
     ranked, grades = [], []
     for positions, vecs, digests, errors in index.model.iter_embed([q.path for q in queries], batch_size=batch_size):
         for err in errors:
-            if on_error is None:
-                raise err
-            on_error(err)
+            failed(err)
         # one search per batch, so the grade filter is computed once per batch
         batch_hits = index.search(vecs, k=k + 1, where=GRADED) if len(positions) else []
         for pos, found, sha in zip(positions, batch_hits, digests):

@@ -15,35 +15,37 @@ SQLite, it is rebuilt from the vectors SQLite holds.
 
 from __future__ import annotations
 
+import csv
 import json
 import sqlite3
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from .atomic import write_atomically
-from .errors import CaseIndexError, ModelMismatchError
-from .inputs import ImageInput
+from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, error_policy
+from .filters import COLUMNS, Where, compile_filter
+from .inputs import ImageInput, identify
 from .labels import GRADE_RANGE, is_grade
-from .model import Model, OnError, as_list, load_model  # imports onnxruntime before usearch, see below
+from .model import Model, as_list, load_model  # imports onnxruntime before usearch, see below
 
 # onnxruntime must be loaded before usearch's extension: the other order crashed with usearch 2.26.
 from usearch.index import Index as _USearch  # noqa: E402
 
 FORMAT = "1"
 DB_NAME = "cases.sqlite"
-COLUMNS = ("key", "path", "sha256", "grade", "added")
-Where = dict[str, Union[Any, Sequence[Any]]]
+RESERVED = ("key", "path", "sha256", "added")  # derived by the index itself: never metadata
+ON_CONFLICT = ("keep", "update")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS cases (
-    key INTEGER PRIMARY KEY,
+    key INTEGER PRIMARY KEY AUTOINCREMENT,
     path TEXT,
     sha256 TEXT UNIQUE,
     grade INTEGER,
@@ -52,15 +54,32 @@ CREATE TABLE IF NOT EXISTS cases (
     vector BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cases_grade ON cases(grade);
+CREATE INDEX IF NOT EXISTS cases_path ON cases(path);
 """
+# Every change of a stored value, so that a grade can be traced (added in place to older indexes).
+CHANGES = """
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    field TEXT NOT NULL,
+    old TEXT,
+    new TEXT
+);
+"""
+CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass
-class Hit:
-    """One retrieved case: its key, cosine similarity to the query, and what the index knows of it."""
+class Case:
+    """A case as the index holds it: key (a stable identifier, never reused), where the photo
+    is, its identity (sha256 of its content), grade and the rest of its metadata."""
 
     key: int
-    score: float
     path: str | None
     sha256: str | None
     grade: int | None
@@ -68,15 +87,56 @@ class Hit:
     added: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "score": self.score,
-            "path": self.path,
-            "sha256": self.sha256,
-            "grade": self.grade,
-            "metadata": self.metadata,
-            "added": self.added,
-        }
+        return asdict(self)
+
+
+@dataclass
+class Hit(Case):
+    """One retrieved case: a Case and its cosine similarity to the query."""
+
+    score: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "score": self.score} | {k: v for k, v in asdict(self).items() if k not in ("key", "score")}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One recorded change of a case's stored value (None: absent)."""
+
+    key: int
+    at: str
+    field: str
+    old: Any
+    new: Any
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A photo added again with metadata other than the stored one."""
+
+    key: int
+    path: str | None
+    field: str
+    stored: Any
+    given: Any
+
+    def __str__(self) -> str:
+        return f"{self.path or self.key}: stored {self.field} {self.stored!r}, given {self.given!r}"
+
+
+def check_metadata(meta: dict[str, Any] | None) -> tuple[int | None, dict[str, Any]]:
+    """(grade, the other fields) of one case's metadata; ValueError for what the index refuses."""
+    extra = dict(meta or {})
+    for name in extra:
+        if not isinstance(name, str) or not name or '"' in name or any(ord(c) < 32 for c in name):
+            raise ValueError(f"metadata field names must be non-empty text without quotes, got {name!r}")
+        if name in RESERVED:
+            raise ValueError(f"metadata field {name!r} is reserved: the index derives {', '.join(RESERVED)} itself")
+    grade = extra.pop("grade", None)
+    if grade is not None and not is_grade(grade):
+        raise ValueError(f"grade must be an integer {GRADE_RANGE}, got {grade!r}")
+    return (None if grade is None else int(grade)), extra
 
 
 class Index:
@@ -107,11 +167,15 @@ class Index:
     # -- opening and creating -------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, model: Model | str | Path | None = None, dtype: str = "f16") -> "Index":
+    def create(
+        cls, path: str | Path, model: Model | str | Path | None = None, dtype: str = "f16", root: str | Path | None = None
+    ) -> "Index":
         """A new, empty index in directory `path` (which must not exist or must be empty).
 
         `model` is the model whose vectors it will hold (None: the bundled default); `dtype`
         is how usearch stores vectors ("f16" halves memory; measured recall in benchmarks/).
+        Photos' paths are stored absolute, or, with `root`, relative to that folder (recorded
+        in the index) when they lie inside it, so an archive can move as a whole.
         """
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -119,7 +183,7 @@ class Index:
         m = model if isinstance(model, Model) else load_model(model)
         path.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path / DB_NAME, isolation_level=None, check_same_thread=False)
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + CHANGES)
         info = {
             "format": FORMAT,
             "model_fingerprint": m.fingerprint,
@@ -127,8 +191,8 @@ class Index:
             "dim": str(m.dim),
             "dtype": dtype,
             "generation": "0",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+            "created": now(),
+        } | ({"root": str(Path(root).resolve())} if root is not None else {})
         with conn:
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO info VALUES (?, ?)", info.items())
@@ -150,6 +214,7 @@ class Index:
                 conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
             else:
                 conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+                conn.executescript(CHANGES)
             conn.execute("SELECT 1 FROM info LIMIT 1")
         except sqlite3.DatabaseError as exc:
             raise CaseIndexError(f"{path}: cannot read {DB_NAME} ({exc})") from exc
@@ -300,28 +365,139 @@ class Index:
             return vecs
         return None
 
+    # -- paths and references --------------------------------------------------------------
+
+    @property
+    def root(self) -> Path | None:
+        """The folder stored paths are relative to (None: paths are stored absolute)."""
+        return Path(self._info["root"]) if self._info.get("root") else None
+
+    def _stored_path(self, path: str | Path) -> str:
+        real = Path(path).resolve()
+        if self.root is not None and real.is_relative_to(self.root):
+            return real.relative_to(self.root).as_posix()
+        return str(real)
+
+    def _public_path(self, stored: str | None) -> str | None:
+        if stored is None or self.root is None or Path(stored).is_absolute():
+            return stored
+        return str(self.root / stored)
+
+    def _key_of(self, ref: CaseRef) -> int | None:
+        """The key of a case named by key, sha256 or photo path (None when there is none)."""
+        if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+            row = self._conn.execute("SELECT key FROM cases WHERE key = ?", (int(ref),)).fetchone()
+        elif isinstance(ref, str) and len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
+            row = self._conn.execute("SELECT key FROM cases WHERE sha256 = ?", (ref,)).fetchone()
+        elif isinstance(ref, (str, Path)):
+            row = self._conn.execute("SELECT key FROM cases WHERE path = ?", (self._stored_path(ref),)).fetchone()
+        else:
+            raise TypeError(f"a case is named by its key, sha256 or path, got {type(ref).__name__}")
+        return None if row is None else row[0]
+
+    def _case(self, row: tuple) -> Case:
+        key, path, sha, grade, meta, added = row
+        return Case(key, self._public_path(path), sha, grade, json.loads(meta), added)
+
+    # -- reading cases -------------------------------------------------------------------------
+
+    def get(self, ref: CaseRef) -> Case:
+        """The case named by its key, sha256 or photo path; KeyError when the index has none."""
+        key = self._key_of(ref)
+        if key is None:
+            raise KeyError(f"{self.path} has no case {ref!r}")
+        row = self._conn.execute("SELECT key, path, sha256, grade, meta, added FROM cases WHERE key = ?", (key,)).fetchone()
+        return self._case(row)
+
+    def __iter__(self) -> Iterator[Case]:
+        """Every case, by key (without vectors)."""
+        rows = self._conn.execute("SELECT key, path, sha256, grade, meta, added FROM cases ORDER BY key")
+        return (self._case(r) for r in rows.fetchall())
+
+    def cases(self, where: Where | None = None, exclude: Where | None = None) -> list[Case]:
+        """The cases matching a filter (see fundus_sdk.filters), by key."""
+        condition, params = compile_filter(where, exclude, self.fields())
+        rows = self._conn.execute(
+            f"SELECT key, path, sha256, grade, meta, added FROM cases WHERE {condition} ORDER BY key", params
+        ).fetchall()
+        return [self._case(r) for r in rows]
+
+    def fields(self) -> list[str]:
+        """The fields a filter may name: the columns and every metadata field some case has."""
+        rows = self._conn.execute("SELECT DISTINCT j.key FROM cases, json_each(cases.meta) AS j").fetchall()
+        return list(COLUMNS) + sorted(r[0] for r in rows if r[0] not in COLUMNS)
+
+    def history(self, ref: CaseRef | None = None) -> list[Change]:
+        """Recorded changes of stored values, oldest first (of one case, or of all)."""
+        if not self._has_table("changes"):
+            return []
+        if ref is None:
+            rows = self._conn.execute("SELECT key, at, field, old, new FROM changes ORDER BY id").fetchall()
+        else:
+            key = self._key_of(ref)
+            rows = self._conn.execute("SELECT key, at, field, old, new FROM changes WHERE key = ? ORDER BY id", (key,)).fetchall()
+        return [Change(k, at, f, json.loads(o) if o is not None else None, json.loads(n) if n is not None else None)
+                for k, at, f, o, n in rows]  # fmt: skip
+
+    def _has_table(self, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+    def export(self, out: str | Path, fmt: str | None = None) -> int:
+        """Write every case (all but the vectors) as CSV or JSON Lines (by `fmt` or the suffix);
+        returns how many. CSV columns: key, path, sha256, grade, added, then the metadata fields."""
+        out = Path(out)
+        fmt = fmt or ("jsonl" if out.suffix.lower() in (".jsonl", ".json") else "csv")
+        cases = list(self)
+        with write_atomically(out, durable=False) as tmp, open(tmp, "w", newline="") as f:
+            if fmt == "jsonl":
+                for case in cases:
+                    f.write(json.dumps(case.to_dict()) + "\n")
+            elif fmt == "csv":
+                extra = [name for name in self.fields() if name not in COLUMNS]
+                writer = csv.writer(f)
+                writer.writerow([*COLUMNS, *extra])
+                for c in cases:
+                    writer.writerow([c.key, c.path, c.sha256, c.grade, c.added, *(c.metadata.get(n, "") for n in extra)])
+            else:
+                raise ValueError(f"export format must be csv or jsonl, got {fmt!r}")
+        return len(cases)
+
+    # -- adding, correcting and removing ---------------------------------------------------------
+
     def add(
         self,
         items: ImageInput | Sequence[ImageInput] | np.ndarray,
         metadata: Sequence[dict[str, Any] | None] | None = None,
         *,
+        paths: Sequence[str | None] | None = None,
+        hashes: Sequence[str | None] | None = None,
         model_fingerprint: str | None = None,
         on_error: OnError = "raise",
+        on_conflict: str | Callable[[Conflict], None] = "keep",
         batch_size: int = 16,
         commit_every: int | None = None,
-        progress=None,
+        commit_seconds: float | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[int | None]:
         """Add images (or vectors from this index's model) with per-case metadata; return keys.
 
-        Metadata dicts may hold "grade" (an integer of fundus_sdk.GRADES), "path" and "sha256"; every other key is kept as
-        free-form JSON. A photo whose content hash is already in the index is not added again:
-        its existing key is returned. Vectors must come with `model_fingerprint` (or their
-        metadata's "sha256") checked: vectors from another model are refused. With
-        on_error="skip", unreadable images are reported (warning, or the callable) and their key
-        is None. The whole call is one atomic change unless `commit_every` is given, in which
-        case every `commit_every` inputs are committed (an interruption keeps a clean prefix).
-        `progress(n)` is called after each batch with the number of inputs handled.
+        Metadata dicts may hold "grade" (an integer of fundus_sdk.GRADES) and any other fields
+        (kept as JSON, filterable); the index derives key, path, sha256 and added itself and
+        refuses them as metadata. Each image is identified (sha256) before it is decoded: a photo
+        the index holds is not embedded again, its key is returned, and metadata other than the
+        stored one is a Conflict: "keep" (the default) keeps the stored values and warns,
+        "update" stores the new ones (recorded in `history`), a callable receives each Conflict.
+        Vectors need `model_fingerprint` (vectors from another model are refused) and may come
+        with `paths` and `hashes`. With on_error="skip" (or a callable), unreadable images are
+        reported and their key is None. The whole call is one atomic change unless
+        `commit_every` (inputs) or `commit_seconds` is given: then each step is committed, and an
+        interruption keeps every finished step. `progress(n)` after each batch, n inputs handled.
         """
+        if self.read_only:
+            raise CaseIndexError(f"{self.path}: opened read-only")
+        failed = error_policy(on_error)
+        if on_conflict not in ON_CONFLICT and not callable(on_conflict):
+            raise ValueError(f"on_conflict must be one of {ON_CONFLICT} or a callable, got {on_conflict!r}")
         vecs = self._vectors_given(items)
         if vecs is not None and model_fingerprint is not None and model_fingerprint != self.model_fingerprint:
             raise ModelMismatchError(
@@ -329,52 +505,157 @@ class Index:
                 f"{self._info.get('model_name')} ({self.model_fingerprint[:12]})"
             )
         inputs = list(vecs) if vecs is not None else as_list(items)
-        meta = list(metadata) if metadata is not None else [None] * len(inputs)
-        if len(meta) != len(inputs):
-            raise ValueError(f"{len(inputs)} inputs but {len(meta)} metadata entries")
-        keys: list[int | None] = [None] * len(inputs)
-        step = commit_every or max(1, len(inputs))
-        for start in range(0, len(inputs), step):
-            rows = self._rows(inputs[start : start + step], meta[start : start + step], vecs is not None, on_error, batch_size, progress)
-            added = self._commit(lambda cur, vectors, rows=rows: self._insert(cur, vectors, rows))
-            for pos, key in added:
-                keys[start + pos] = key
-        return keys
+        n = len(inputs)
+        meta = [check_metadata(m) for m in (metadata if metadata is not None else [None] * n)]
+        for name, given in (("metadata", meta), ("paths", paths), ("hashes", hashes)):
+            if given is not None and len(given) != n:
+                raise ValueError(f"{n} inputs but {len(given)} {name}")
+        keys: list[int | None] = [None] * n
+        pending: list[tuple] = []  # rows to insert: (position, path, sha256, grade, meta json, vector)
+        last_commit = time.monotonic()
 
-    def _rows(self, inputs, meta, are_vectors, on_error, batch_size, progress) -> list[tuple]:
-        """(position, path, sha256, grade, meta json, vector) for every input that embeds."""
-        rows = []
+        def commit() -> None:
+            nonlocal pending, last_commit
+            if pending:
+                rows, pending = pending, []
+                for pos, key in self._commit(lambda cur, vectors: self._insert(cur, vectors, rows)):
+                    keys[pos] = key
+            last_commit = time.monotonic()
 
-        def row(pos: int, vector: np.ndarray, digest: str | None) -> tuple:
-            extra = dict(meta[pos] or {})
-            grade = extra.pop("grade", None)
-            if grade is not None and not is_grade(grade):
-                raise ValueError(f"grade must be an integer {GRADE_RANGE}, got {grade!r}")
-            item = inputs[pos]
-            path = extra.pop("path", str(item) if isinstance(item, (str, Path)) else None)
-            sha = extra.pop("sha256", None) or digest
-            return (pos, path, sha, None if grade is None else int(grade), json.dumps(extra, default=str), vector)
+        def due() -> bool:
+            return bool(
+                (commit_every and len(pending) >= commit_every)
+                or (commit_seconds is not None and time.monotonic() - last_commit >= commit_seconds)
+            )
 
-        if are_vectors:
-            return [row(i, v, None) for i, v in enumerate(inputs)]
-        pending_errors = []
-        for positions, vectors, digests, errors in self.model.iter_embed(inputs, batch_size=batch_size):
-            if errors and on_error == "raise":
-                raise errors[0]
-            pending_errors += errors
-            rows += [row(p, v, d) for p, v, d in zip(positions, vectors, digests)]
+        if vecs is not None:
+            for pos, vec in enumerate(inputs):
+                grade, extra = meta[pos]
+                path = paths[pos] if paths is not None else None
+                sha = hashes[pos] if hashes is not None else None
+                if sha and self._known(sha, pos, grade, extra, keys, on_conflict):
+                    continue
+                pending.append((pos, path, sha, grade, json.dumps(extra, default=str), vec))
+                if due():
+                    commit()
+            commit()
+            return keys
+
+        # Images: identify first, embed only what the index does not hold yet.
+        new: dict[str, int] = {}  # sha256 -> position of its first occurrence in this call
+        copies: list[tuple[int, str]] = []  # later occurrences of a photo in this call
+        todo, todo_pos, todo_sha = [], [], []
+        for pos, item in enumerate(inputs):
+            try:
+                sha, decodable = identify(item)
+            except ImageError as err:
+                failed(err)
+                continue
+            grade, extra = meta[pos]
+            if sha in new:  # the same photo twice in this call: one case
+                copies.append((pos, sha))
+                continue
+            if self._known(sha, pos, grade, extra, keys, on_conflict):
+                if progress is not None:
+                    progress(1)
+                continue
+            new[sha] = pos
+            todo.append(decodable)
+            todo_pos.append(pos)
+            todo_sha.append(sha)
+        for positions, vectors, _, errors in self.model.iter_embed(todo, batch_size=batch_size):
+            for err in errors:
+                failed(err)  # raises under on_error="raise", before this step is committed
+            for i, vec in zip(positions, vectors):
+                pos = todo_pos[i]
+                item = inputs[pos]
+                grade, extra = meta[pos]
+                path = paths[pos] if paths else (self._stored_path(item) if isinstance(item, (str, Path)) else None)
+                pending.append((pos, path, todo_sha[i], grade, json.dumps(extra, default=str), vec))
             if progress is not None:
                 progress(len(positions) + len(errors))
-        for err in pending_errors:
-            if callable(on_error):
-                on_error(err)
-            else:
-                warnings.warn(f"skipped {err}", stacklevel=3)
-        return rows
+            if due():
+                commit()
+        commit()
+        for pos, sha in copies:
+            keys[pos] = keys[new[sha]]
+        return keys
+
+    def _known(self, sha, pos, grade, extra, keys, on_conflict) -> bool:
+        """Whether the index holds this photo already; if so record its key and settle conflicts."""
+        row = self._conn.execute("SELECT key, path, grade, meta FROM cases WHERE sha256 = ?", (sha,)).fetchone()
+        if row is None:
+            return False
+        key, stored_path, stored_grade, stored_meta = row
+        keys[pos] = key
+        stored = json.loads(stored_meta) | {"grade": stored_grade}
+        given = extra | ({"grade": grade} if grade is not None else {})
+        conflicts = [
+            Conflict(key, self._public_path(stored_path), name, stored.get(name), value)
+            for name, value in given.items()
+            if stored.get(name) != value
+        ]
+        if not conflicts:
+            return True
+        if on_conflict == "update":
+            self.update(key, {c.field: c.given for c in conflicts})
+        elif callable(on_conflict):
+            for c in conflicts:
+                on_conflict(c)
+        else:
+            warnings.warn(
+                "kept the stored values (on_conflict='update' stores the new ones): " + "; ".join(map(str, conflicts)),
+                stacklevel=3,
+            )
+        return True
+
+    def update(self, ref: CaseRef, values: dict[str, Any]) -> Case:
+        """Set metadata fields of one case (named by key, sha256 or path); None removes a field.
+
+        Every change is recorded with its time, old and new value (see `history`).
+        """
+        if self.read_only:
+            raise CaseIndexError(f"{self.path}: opened read-only")
+        key = self._key_of(ref)
+        if key is None:
+            raise KeyError(f"{self.path} has no case {ref!r}")
+        grade, extra = check_metadata({k: v for k, v in values.items() if v is not None})
+        removed = [k for k, v in values.items() if v is None]
+        if "grade" in removed:
+            raise ValueError("a case's grade can be corrected, not removed")
+        at = now()
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            stored_grade, stored_meta = self._conn.execute("SELECT grade, meta FROM cases WHERE key = ?", (key,)).fetchone()
+            meta = json.loads(stored_meta)
+            changes = []
+            if grade is not None and grade != stored_grade:
+                changes.append(("grade", stored_grade, grade))
+                stored_grade = grade
+            for name in removed:
+                if name in meta:
+                    changes.append((name, meta.pop(name), None))
+            for name, value in extra.items():
+                if meta.get(name) != value:
+                    changes.append((name, meta.get(name), value))
+                    meta[name] = value
+            self._conn.execute(
+                "UPDATE cases SET grade = ?, meta = ? WHERE key = ?", (stored_grade, json.dumps(meta, default=str), key)
+            )
+            self._conn.executemany(
+                "INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, ?, ?, ?)",
+                [(key, at, f, None if o is None else json.dumps(o, default=str), None if v is None else json.dumps(v, default=str))
+                 for f, o, v in changes],
+            )  # fmt: skip
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        return self.get(key)
 
     def _insert(self, cur: sqlite3.Connection, vectors: _USearch, rows: list[tuple]) -> list[tuple[int, int]]:
         added, new_keys, new_vecs = [], [], []
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        at = now()
         for pos, path, sha, grade, meta_json, vec in rows:
             existing = cur.execute("SELECT key FROM cases WHERE sha256 = ?", (sha,)).fetchone() if sha else None
             if existing:
@@ -382,7 +663,7 @@ class Index:
                 continue
             key = cur.execute(
                 "INSERT INTO cases (path, sha256, grade, meta, added, vector) VALUES (?, ?, ?, ?, ?, ?)",
-                (path, sha, grade, meta_json, now, np.asarray(vec, dtype=np.float32).tobytes()),
+                (path, sha, grade, meta_json, at, np.asarray(vec, dtype=np.float32).tobytes()),
             ).lastrowid
             added.append((pos, key))
             new_keys.append(key)
@@ -391,51 +672,48 @@ class Index:
             vectors.add(np.array(new_keys, dtype=np.uint64), np.stack(new_vecs).astype(np.float32))
         return added
 
-    def remove(self, keys: Sequence[int]) -> int:
-        """Remove cases by key; returns how many were there."""
-        keys = [int(k) for k in keys]
+    def remove(self, refs: Sequence[CaseRef]) -> int:
+        """Remove cases named by key, sha256 or path; returns how many were there."""
+        keys = sorted({k for k in (self._key_of(r) for r in refs) if k is not None})
 
         def change(cur: sqlite3.Connection, vectors: _USearch) -> int:
-            present = [k for k in keys if cur.execute("SELECT 1 FROM cases WHERE key = ?", (k,)).fetchone()]
-            cur.executemany("DELETE FROM cases WHERE key = ?", [(k,) for k in present])
-            if present:
-                vectors.remove(np.array(present, dtype=np.uint64))
-            return len(present)
+            cur.executemany("DELETE FROM cases WHERE key = ?", [(k,) for k in keys])
+            if keys:
+                vectors.remove(np.array(keys, dtype=np.uint64))
+            return len(keys)
 
         return self._commit(change)
 
     # -- searching -----------------------------------------------------------------------------
 
     def search(
-        self, query: ImageInput | Sequence[ImageInput] | np.ndarray, k: int = 10, where: Where | None = None
+        self,
+        query: ImageInput | Sequence[ImageInput] | np.ndarray,
+        k: int = 10,
+        where: Where | None = None,
+        exclude: Where | None = None,
     ) -> list[Hit] | list[list[Hit]]:
         """The k most similar cases (cosine similarity) for one query, or a list per query.
 
-        `query` is an image (path, PIL image, HxWx3 array), a list of images, or unit vectors
-        from this index's model (1-D: one query; 2-D: several). `where` keeps only cases whose
-        fields equal the given values (a list means any of them), e.g. {"grade": [2, 3]} or
-        {"eye": "left"}; k hits are still returned when k such cases exist.
+        `query` is an image (path, bytes, file object, PIL image, HxWx3 array), a list of
+        images, or unit vectors from this index's model (1-D: one query; 2-D: several).
+        `where` keeps only cases matching it and `exclude` drops those matching it (see
+        fundus_sdk.filters), e.g. where={"grade": [2, 3]}, exclude={"patient": 10310}; k hits
+        are still returned when k such cases exist.
         """
+        allowed = self._filter_keys(where, exclude) if (where or exclude) else None
         vecs = self._vectors_given(query)
         if vecs is not None:
             single = np.asarray(query).ndim == 1
         else:
             single = not isinstance(query, (list, tuple)) and not (isinstance(query, np.ndarray) and query.ndim == 4)
             vecs = self.model.embed(query)
-        allowed = self._filter_keys(where) if where else None
         results = [self._search_one(v, k, allowed) for v in vecs]
         return results[0] if single else results
 
-    def _filter_keys(self, where: Where) -> np.ndarray:
-        clauses, params = [], []
-        for name, value in where.items():
-            column = name if name in COLUMNS else "json_extract(meta, ?)"
-            if name not in COLUMNS:
-                params.append(f'$."{name}"')
-            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
-            clauses.append(f"{column} IN ({','.join('?' * len(values))})")
-            params += values
-        rows = self._conn.execute(f"SELECT key FROM cases WHERE {' AND '.join(clauses)}", params).fetchall()
+    def _filter_keys(self, where: Where | None, exclude: Where | None) -> np.ndarray:
+        condition, params = compile_filter(where, exclude, self.fields())
+        rows = self._conn.execute(f"SELECT key FROM cases WHERE {condition}", params).fetchall()
         return np.array([r[0] for r in rows], dtype=np.uint64)
 
     def _search_one(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Hit]:
@@ -476,7 +754,7 @@ class Index:
         ).fetchall()
         by_key = {r[0]: r for r in rows}
         return [
-            Hit(key, float(s), r[1], r[2], r[3], json.loads(r[4]), r[5])
+            Hit(key, self._public_path(r[1]), r[2], r[3], json.loads(r[4]), r[5], score=float(s))
             for key, s in zip(keys, scores)
             if (r := by_key.get(key)) is not None
         ]
@@ -487,9 +765,10 @@ def search(
     index: Index | str | Path,
     k: int = 10,
     where: Where | None = None,
+    exclude: Where | None = None,
 ) -> list[Hit] | list[list[Hit]]:
     """Nearest cases for one query (a list of Hits) or several (a list of lists); see Index.search."""
     if isinstance(index, Index):
-        return index.search(query, k=k, where=where)
+        return index.search(query, k=k, where=where, exclude=exclude)
     with Index.open(index, read_only=True) as ix:
-        return ix.search(query, k=k, where=where)
+        return ix.search(query, k=k, where=where, exclude=exclude)

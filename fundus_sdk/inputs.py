@@ -70,6 +70,23 @@ def pixel_hash(rgb: np.ndarray) -> str:
     return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
 
 
+def identify(source: ImageInput) -> tuple[str, ImageInput]:
+    """(sha256, the input to decode) without decoding: what `decode` would report as its sha256.
+
+    Cheap next to decoding, so an index can skip photos it already holds. A file object is read
+    here, so its bytes are returned for decoding.
+    """
+    if isinstance(source, Image.Image):
+        return pixel_hash(np.asarray(source)), source
+    if isinstance(source, np.ndarray):
+        return pixel_hash(source), source
+    encoded = read_bytes(source)
+    if encoded is None:
+        raise ImageError(describe(source), "expected a file path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array")
+    data, _ = encoded
+    return hashlib.sha256(data).hexdigest(), (source if isinstance(source, (str, Path)) else data)
+
+
 def read_bytes(source: ImageInput) -> tuple[bytes, str] | None:
     """(encoded bytes, name) of a path, bytes or file object; None for in-memory images."""
     name = describe(source)

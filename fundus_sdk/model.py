@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import onnxruntime as ort
 
 from . import contract
-from .errors import ImageError, ModelError, ProviderError
+from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
 from .inputs import ImageInput
 from .preprocess import Preprocess
 
 DEFAULT_MODEL = "default.onnx"
-OnError = Union[str, Callable[[ImageError], None]]
 
 
 def default_model_path() -> Path:
@@ -163,18 +161,12 @@ class Model:
         on_error: "raise" (default) raises the first ImageError; "skip" leaves that row NaN and
         warns; a callable receives each ImageError and the row stays NaN.
         """
+        failed = error_policy(on_error)
         items = as_list(images)
         out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
         for positions, vectors, _, errors in self.iter_embed(items, batch_size=batch_size):
             for err in errors:
-                if on_error == "raise":
-                    raise err
-                if on_error == "skip":
-                    warnings.warn(f"skipped {err}", stacklevel=2)
-                elif callable(on_error):
-                    on_error(err)
-                else:
-                    raise ValueError(f"on_error must be 'raise', 'skip' or a callable, got {on_error!r}")
+                failed(err)
             out[positions] = vectors
         return out
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import importlib
 import os
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 
 from fundus_sdk.labels import GRADES
 from training.data import DATA_ENV

@@ -41,6 +41,7 @@ def add_schedule(p: argparse.ArgumentParser, out: str) -> None:
     """Options shared by `train` and `ablate`: outputs, descriptor, schedule."""
     p.add_argument("--out", default=out, help="output folder (logs, checkpoints)")
     p.add_argument("--dim", type=int, default=ModelConfig.dim, help="descriptor dimension (<= 512)")
+    p.add_argument("--metric-weight", type=float, default=TrainConfig.metric_weight, help="weight of the metric loss (--loss)")
     p.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight, help="weight of the auxiliary grade classifier (0: off)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--aug-views", type=int, default=TrainConfig.aug_views, help="augmented views cached per training image")

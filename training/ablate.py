@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from fundus_sdk import metrics
+from fundus_sdk.labels import GRADES
+from fundus_sdk.tables import format_table
 
 from .cache import clean_maps_by_split, embed_maps
 from .checkpoint import load_checkpoint
@@ -113,7 +115,7 @@ def table(results: list[dict], costs: dict[str, dict], base: TrainConfig) -> str
         return f"{np.mean(values):.3f}" + (f" ± {np.ptp(values) / 2:.3f}" if len(values) > 1 else "")
 
     def rows(head: list[str], body: list[list[str]]) -> list[str]:
-        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+        return format_table(head, body, markdown=True).splitlines()
 
     averages = [(m, avg) for m in metrics.METRICS for avg in ("micro", "macro")]
     summary = [
@@ -125,7 +127,7 @@ def table(results: list[dict], costs: dict[str, dict], base: TrainConfig) -> str
     summary.append(["chance", ""] + [f"{chance[avg][m]:.3f}" for m, avg in averages] + ["", "", ""])
     head = ["variant", "seeds", *(f"{m}@{k} {avg}" for m, avg in averages), "train s", "backbone passes", "ms/image"]
     lines = rows(head, summary)
-    grades = [0, 1, 2, 3, 4]
+    grades = list(GRADES)
     for m in metrics.METRICS:
         body = [
             [name] + [cell([r["report"]["per_grade"][m].get(str(g)) for r in runs]) for g in grades]

@@ -30,6 +30,7 @@ class TrainConfig:
     backbone_lr: float = 3e-4
     weight_decay: float = 1e-4
     loss: str = "fine"
+    metric_weight: float = 1.0  # weight of the metric loss (`loss`)
     aux_weight: float = 0.5
     val_fraction: float = 0.1
     k: int = 10

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fundus_sdk.labels import GRADES
+from fundus_sdk.tables import format_table
 
 from .cache import clean_maps_by_split, embed_maps
 from .checkpoint import load_checkpoint
@@ -96,10 +97,13 @@ def probe(cfg: TrainConfig, model_cfg: ModelConfig, checkpoint: str | None = Non
 
 
 def format_probe(report: dict) -> str:
-    lines = [f"linear probe on the pooled features of {report['model']} (test split):", "grade  queries  recall  AUC vs grade 0"]
-    for g, e in report["grades"].items():
-        recall = "-" if e["recall"] is None else f"{e['recall']:.3f}"
-        roc = f"{e['auc_vs_grade_0']:.3f}" if "auc_vs_grade_0" in e else ""
-        lines.append(f"{g:>5}  {e['queries']:>7}  {recall:>6}  {roc:>14}")
-    lines.append(f"balanced accuracy {report['balanced_accuracy']:.3f} (chance {1 / len(report['grades']):.3f})")
-    return "\n".join(lines)
+    rows = [
+        [g, e["queries"], "-" if e["recall"] is None else f"{e['recall']:.3f}",
+         f"{e['auc_vs_grade_0']:.3f}" if "auc_vs_grade_0" in e else ""]
+        for g, e in report["grades"].items()
+    ]  # fmt: skip
+    return "\n".join([
+        f"linear probe on the pooled features of {report['model']} (test split):",
+        format_table(["grade", "queries", "recall", "AUC vs grade 0"], rows, align="rrrr"),
+        f"balanced accuracy {report['balanced_accuracy']:.3f} (chance {1 / len(report['grades']):.3f})",
+    ])  # fmt: skip

@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
             with autocast(device):
                 emb, agreement = net.embed_trunk(x)
                 emb, agreement = emb.float(), (agreement.float() if agreement is not None else None)
-                loss = metric_loss(cfg.loss, emb, y, agreement)
+                loss = cfg.metric_weight * metric_loss(cfg.loss, emb, y, agreement)
                 if net.classifier is not None and (cfg.aux_weight or cfg.ordinal_weight):
                     logits = net.classifier(emb).float() * 10.0
                     loss = loss + cfg.aux_weight * F.cross_entropy(logits, y)
