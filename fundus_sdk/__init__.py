@@ -11,7 +11,7 @@ from . import metrics
 from .embeddings import Embeddings, read_embeddings, write_embeddings
 from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
 from .evaluation import evaluate_index
-from .index import Hit, Index, search
+from .index import Case, Hit, Index, RebuildReport, rebuild, search
 from .inputs import Decoded, decode, find_images
 from .labels import GRADES, Label, LabelError, read_labels
 from .model import Model, embed, load_model
@@ -26,7 +26,10 @@ __all__ = [
     "load_model",
     "Model",
     "Index",
+    "Case",
     "Hit",
+    "rebuild",
+    "RebuildReport",
     # inputs, labels, files
     "decode",
     "Decoded",

@@ -25,7 +25,7 @@ from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
 from .filters import FilterError, conditions_to_where
-from .index import RESERVED, Conflict, Hit, Index
+from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
 from .model import load_model
@@ -375,6 +375,39 @@ def index_export(directory, output, fmt) -> None:
     with Index.open(directory, read_only=True) as ix:
         n = ix.export(output, fmt)
     click.echo(f"exported {n} cases -> {output}")
+
+
+@index.command("rebuild")
+@click.argument("old", type=click.Path(file_okay=False))
+@click.argument("new", type=click.Path(file_okay=False))
+@model_option
+@batch_option
+@quiet_option
+@handle_errors
+def index_rebuild(old, new, model_path, batch_size, quiet) -> None:
+    """Re-embed every case of the index OLD into a new index NEW, for a new model.
+
+    Each case whose photo is still at its path, unchanged (same sha256), keeps its key, grade,
+    metadata and history; the others are listed (exit status 1). OLD is only read.
+
+    \b
+    Example:
+      fundus-sdk index rebuild cases/ cases-0.3/ --model new.onnx
+    """
+    with Index.open(old, read_only=True) as ix:
+        total = len(ix)
+    with progress(total, "re-embedding", quiet) as advance:
+        report = rebuild(old, new, load_model(model_path), batch_size=batch_size, progress=advance)
+    for case in report.missing:
+        click.echo(f"not rebuilt: case {case.key}: {case.path}: the photo is gone", err=True)
+    for case in report.changed:
+        click.echo(f"not rebuilt: case {case.key}: {case.path}: the photo changed since it was indexed", err=True)
+    for case, reason in report.unreadable:
+        click.echo(f"not rebuilt: case {case.key}: {case.path}: {reason}", err=True)
+    left = len(report.missing) + len(report.changed) + len(report.unreadable)
+    click.echo(f"rebuilt {report.rebuilt} of {total} cases into {new} ({left} not rebuilt)")
+    if left:
+        sys.exit(Exit.PARTIAL)
 
 
 def case_ref(text: str) -> int | str:

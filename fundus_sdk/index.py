@@ -253,7 +253,10 @@ class Index:
         if self._model is None:
             default = load_model()
             if default.fingerprint != self.model_fingerprint:
-                raise ModelMismatchError(self._mismatch(default) + "; open the index with model=<its model file>")
+                raise ModelMismatchError(
+                    self._mismatch(default) + "; open the index with model=<its model file>, or re-embed it for this "
+                    "model with `fundus-sdk index rebuild OLD NEW` (fundus_sdk.rebuild)"
+                )
             self._model = default
         return self._model
 
@@ -653,17 +656,22 @@ class Index:
             raise
         return self.get(key)
 
-    def _insert(self, cur: sqlite3.Connection, vectors: _USearch, rows: list[tuple]) -> list[tuple[int, int]]:
+    def _insert(
+        self, cur: sqlite3.Connection, vectors: _USearch, rows: list[tuple], keep: list[tuple[int, str]] | None = None
+    ) -> list[tuple[int, int]]:
+        """Insert (position, path, sha256, grade, meta json, vector) rows; `keep` gives rows their
+        (key, added) from another index (a rebuild keeps both)."""
         added, new_keys, new_vecs = [], [], []
         at = now()
-        for pos, path, sha, grade, meta_json, vec in rows:
+        for i, (pos, path, sha, grade, meta_json, vec) in enumerate(rows):
             existing = cur.execute("SELECT key FROM cases WHERE sha256 = ?", (sha,)).fetchone() if sha else None
             if existing:
                 added.append((pos, existing[0]))
                 continue
+            key, when = keep[i] if keep is not None else (None, at)
             key = cur.execute(
-                "INSERT INTO cases (path, sha256, grade, meta, added, vector) VALUES (?, ?, ?, ?, ?, ?)",
-                (path, sha, grade, meta_json, at, np.asarray(vec, dtype=np.float32).tobytes()),
+                "INSERT INTO cases (key, path, sha256, grade, meta, added, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, path, sha, grade, meta_json, when, np.asarray(vec, dtype=np.float32).tobytes()),
             ).lastrowid
             added.append((pos, key))
             new_keys.append(key)
@@ -758,6 +766,66 @@ class Index:
             for key, s in zip(keys, scores)
             if (r := by_key.get(key)) is not None
         ]
+
+
+@dataclass
+class RebuildReport:
+    """What `rebuild` did: the new index's path, the cases carried over, and those it could not
+    re-embed because their photo is gone or its content changed (sha256 differs)."""
+
+    path: Path
+    rebuilt: int
+    missing: list[Case]
+    changed: list[Case]
+    unreadable: list[tuple[Case, str]]
+
+
+def rebuild(
+    old: str | Path,
+    new: str | Path,
+    model: Model | str | Path | None = None,
+    *,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> RebuildReport:
+    """A new index at `new` with every case of `old` re-embedded by `model` (None: the bundled one).
+
+    For a new model, so that no index is stranded: each case whose photo is still at its path
+    with the same content (sha256) is embedded again and keeps its key, grade, metadata, date
+    added and history; the others are listed in the report. `old` is only read.
+    """
+    m = model if isinstance(model, Model) else load_model(model)
+    with Index.open(old, read_only=True) as src:
+        cases, history, info = list(src), src.history(), src._info
+    missing, changed, unreadable, todo = [], [], [], []
+    for case in cases:
+        if case.path is None or not Path(case.path).is_file():
+            missing.append(case)
+            continue
+        try:
+            sha, _ = identify(case.path)
+        except ImageError as err:
+            unreadable.append((case, err.reason))
+            continue
+        (todo if sha == case.sha256 else changed).append(case)
+    with Index.create(new, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
+        rows, keep = [], []
+        for positions, vectors, _, errors in m.iter_embed([c.path for c in todo], batch_size=batch_size):
+            for err in errors:
+                unreadable.append((next(c for c in todo if c.path == err.source), err.reason))
+            for i, vec in zip(positions, vectors):
+                c = todo[i]
+                rows.append((i, dst._stored_path(c.path), c.sha256, c.grade, json.dumps(c.metadata, default=str), vec))
+                keep.append((c.key, c.added))
+            if progress is not None:
+                progress(len(positions) + len(errors))
+        dst._commit(lambda cur, vectors: dst._insert(cur, vectors, rows, keep))
+        dst._conn.executemany(
+            "INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, ?, ?, ?)",
+            [(c.key, c.at, c.field, None if c.old is None else json.dumps(c.old), None if c.new is None else json.dumps(c.new))
+             for c in history if c.key in {k for k, _ in keep}],
+        )  # fmt: skip
+        return RebuildReport(dst.path, len(rows), missing, changed, unreadable)
 
 
 def search(

@@ -316,3 +316,33 @@ def test_a_csv_with_sha256_and_path_columns_cannot_override_them(tmp_path, photo
     assert {m["label_path"] for _, m in cases.values()} == {"/elsewhere/x.jpg"}
     with Index.open(tmp_path / "cases") as ix, pytest.raises(ValueError, match="'sha256' is reserved"):
         ix.add(np.zeros((1, ix.dim), np.float32) + 1 / np.sqrt(ix.dim), [{"sha256": "x"}])
+
+
+# -- a new model strands no index -----------------------------------------------------------------------
+
+
+def test_rebuild_keeps_keys_metadata_and_history_and_lists_what_it_could_not_redo(tmp_path, photos):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    copies = [folder / src.name for src in photos]
+    for src, dst in zip(photos, copies):
+        shutil.copyfile(src, dst)
+    with Index.create(tmp_path / "old") as ix:
+        keys = ix.add(copies, [{"grade": g, "eye": "left"} for g in range(5)])
+        ix.update(keys[1], {"grade": 2})
+    copies[3].unlink()  # gone
+    shutil.copyfile(photos[0], copies[4])  # changed content at the same path
+    before = sorted((tmp_path / "old").iterdir())
+    proc = fundus("index", "rebuild", "old", "new", cwd=tmp_path)
+    assert proc.returncode == EXIT_PARTIAL, proc.stderr
+    assert f"case {keys[3]}: {copies[3]}: the photo is gone" in proc.stderr
+    assert f"case {keys[4]}: {copies[4]}: the photo changed" in proc.stderr
+    assert "rebuilt 3 of 5 cases" in proc.stdout
+    assert sorted((tmp_path / "old").iterdir()) == before  # the old index is untouched
+    with Index.open(tmp_path / "old", read_only=True) as old, Index.open(tmp_path / "new", read_only=True) as new:
+        assert [(c.key, c.grade, c.metadata, c.added) for c in new] == [
+            (c.key, c.grade, c.metadata, c.added) for c in old if c.key in keys[:3]
+        ]
+        assert [(c.field, c.old, c.new) for c in new.history(keys[1])] == [("grade", 1, 2)]
+        hit = new.search(copies[2], k=1)[0]
+        assert hit.key == keys[2] and hit.score > 0.99
