@@ -18,17 +18,20 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def write_atomically(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+def write_atomically(path: str | Path, *, durable: bool = True, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds, it replaces `path`.
 
     The temporary name carries the process id, so two writers never touch each other's file.
     On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is unchanged.
-    With `durable`, the file and the directory entry are fsynced before returning.
+    With `durable`, the file and the directory entry are fsynced before returning; `mode`
+    sets the file's permissions (e.g. 0o600) before it takes the final name.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

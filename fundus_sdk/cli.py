@@ -115,11 +115,12 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
     Example:
       fundus-sdk embed photos/ -o photos.npz
     """
-    files = find_images(paths, recursive)
+    missing: list[ImageError] = []
+    files = find_images(paths, recursive, on_missing=lambda e: (missing.append(e), report_failure(e)))
     if not files:
         fatal(f"no images found in {', '.join(paths)}")
     model = load_model(model_path)
-    vectors, names, hashes, failures = [], [], [], 0
+    vectors, names, hashes, failures = [], [], [], len(missing)
     started = time.perf_counter()
     with progress(len(files), "embedding", quiet) as advance:
         for positions, vecs, digests, errors in model.iter_embed(files, batch_size=batch_size):
@@ -223,7 +224,7 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
                 on_conflict=on_conflict,
             )  # fmt: skip
         photos = [p for p in paths if Path(p).suffix.lower() not in FORMATS]
-        files = find_images(photos, recursive) if photos else []
+        files = find_images(photos, recursive, on_missing=failed) if photos else []
         if photos and not files:
             fatal(f"no images found in {', '.join(photos)}")
         if files:
@@ -289,6 +290,32 @@ def index_info(directory, as_json) -> None:
         return
     for key, value in info.items():
         click.echo(f"{key:>18}: {value}")
+
+
+@index.command("check")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--repair", is_flag=True, help="Rewrite the vector file from SQLite and remove leftovers of interrupted writers.")
+@json_option
+@handle_errors
+def index_check(directory, repair, as_json) -> None:
+    """Check an index: rows against searchable vectors, the vector file's checksum, damaged rows.
+
+    Exit status 0 when consistent (or repaired), 1 when not. A directory left by an interrupted
+    `index create` holds no index: create it again.
+
+    \b
+    Example:
+      fundus-sdk index check cases/ --repair
+    """
+    with Index.open(directory, read_only=not repair) as ix:
+        report = ix.check(repair=repair)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            click.echo(f"{key:>15}: {value}")
+    if not (report["ok"] or report.get("repaired")):
+        sys.exit(Exit.PARTIAL)
 
 
 @index.command("remove")

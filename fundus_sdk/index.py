@@ -16,18 +16,24 @@ SQLite, it is rebuilt from the vectors SQLite holds.
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import json
+import os
+import shutil
+import socket
 import sqlite3
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
-from .atomic import write_atomically
+from .atomic import fsync_dir, write_atomically
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, error_policy
 from .filters import COLUMNS, Where, compile_filter
 from .inputs import ImageInput, identify
@@ -39,6 +45,7 @@ from usearch.index import Index as _USearch  # noqa: E402
 
 FORMAT = "1"
 DB_NAME = "cases.sqlite"
+LOCK_NAME = "writer.lock"
 RESERVED = ("key", "path", "sha256", "added")  # derived by the index itself: never metadata
 ON_CONFLICT = ("keep", "update")
 
@@ -68,6 +75,50 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 """
 CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
+
+
+FILE_MODE = 0o600  # index files hold patients' photo paths: readable by their owner only
+DIR_MODE = 0o700
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _connect(db: Path, read_only: bool) -> sqlite3.Connection:
+    """A connection to an index's database, checked readable.
+
+    A process killed mid-commit leaves a hot journal, which a read-only connection cannot roll
+    back ("attempt to write a readonly database"). Then one read-write connection reads the
+    database, which makes SQLite roll the unfinished transaction back, and the read-only open
+    is tried again. Without write access to the directory the error stands.
+    """
+
+    def attempt() -> sqlite3.Connection:
+        if read_only:
+            conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            conn.executescript(CHANGES)
+        conn.execute("SELECT 1 FROM info LIMIT 1")
+        return conn
+
+    try:
+        return attempt()
+    except sqlite3.OperationalError:
+        journal = db.with_name(db.name + "-journal")
+        if not (read_only and journal.exists() and os.access(db.parent, os.W_OK)):
+            raise
+        recover = sqlite3.connect(db, isolation_level=None)
+        try:
+            recover.execute("SELECT COUNT(*) FROM info").fetchone()
+        finally:
+            recover.close()
+        return attempt()
 
 
 def now() -> str:
@@ -151,6 +202,7 @@ class Index:
 
     exact_below = 20_000
     expansion_search = 256
+    lock_timeout = 30.0  # seconds a writer waits for another process's write to finish
 
     def __init__(self, path: Path, conn: sqlite3.Connection, read_only: bool, model: Model | None) -> None:
         self.path = path
@@ -163,6 +215,48 @@ class Index:
         if model is not None and model.fingerprint != self.model_fingerprint:
             raise ModelMismatchError(self._mismatch(model))
         self._vectors = self._load_vectors()
+        self._loaded = self.generation
+
+    def refresh(self) -> bool:
+        """See what other processes committed since this index was opened or last refreshed.
+
+        Searches and writes do this themselves; returns whether anything had changed.
+        """
+        self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
+        if self.generation == self._loaded:
+            return False
+        self._vectors = self._load_vectors()
+        self._loaded = self.generation
+        return True
+
+    @contextmanager
+    def _writer(self) -> Iterator[None]:
+        """Hold the index's writer lock (one writing process at a time), on a fresh view."""
+        if self.read_only:
+            raise CaseIndexError(f"{self.path}: opened read-only")
+        lock = os.fdopen(os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE), "r+")
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        lock.seek(0)
+                        holder = lock.read().strip() or "another process"
+                        raise CaseIndexError(
+                            f"{self.path}: another writer holds the index ({holder}); waited {self.lock_timeout:.0f} s"
+                        ) from None
+                    time.sleep(0.05)
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
+            lock.flush()
+            self.refresh()
+            yield
+        finally:
+            lock.close()  # releases the lock
 
     # -- opening and creating -------------------------------------------------------------
 
@@ -181,8 +275,13 @@ class Index:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise CaseIndexError(f"{path}: already exists and is not an empty directory")
         m = model if isinstance(model, Model) else load_model(model)
-        path.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path / DB_NAME, isolation_level=None, check_same_thread=False)
+        # Made aside and renamed into place: a kill during creation leaves no half-made index.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(mode=DIR_MODE)
+        conn = sqlite3.connect(staging / DB_NAME, isolation_level=None, check_same_thread=False)
+        os.chmod(staging / DB_NAME, FILE_MODE)
         conn.executescript(SCHEMA + CHANGES)
         info = {
             "format": FORMAT,
@@ -196,7 +295,12 @@ class Index:
         with conn:
             conn.execute("BEGIN")
             conn.executemany("INSERT INTO info VALUES (?, ?)", info.items())
-        return cls(path, conn, read_only=False, model=m)
+        conn.close()
+        if path.is_dir():
+            path.rmdir()  # empty, checked above
+        staging.rename(path)
+        fsync_dir(path.parent)
+        return cls.open(path, model=m)
 
     @classmethod
     def open(cls, path: str | Path, read_only: bool = False, model: Model | str | Path | None = None) -> "Index":
@@ -210,12 +314,7 @@ class Index:
         if not db.is_file():
             raise CaseIndexError(f"{path}: not a fundus-sdk index (no {DB_NAME})")
         try:
-            if read_only:
-                conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-            else:
-                conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-                conn.executescript(CHANGES)
-            conn.execute("SELECT 1 FROM info LIMIT 1")
+            conn = _connect(db, read_only)
         except sqlite3.DatabaseError as exc:
             raise CaseIndexError(f"{path}: cannot read {DB_NAME} ({exc})") from exc
         m = model if isinstance(model, Model) or model is None else load_model(model)
@@ -293,12 +392,15 @@ class Index:
         file = self._vector_file(self.generation)
         count = len(self)
         vectors = None
-        if file.is_file():
+        recorded = self._info.get("vectors_sha256")
+        if file.is_file() and (recorded is None or file_sha256(file) == recorded):
             try:
                 vectors = _USearch.restore(str(file), view=self.read_only)
                 vectors.expansion_search = self.expansion_search
             except Exception:  # usearch raises plain RuntimeErrors for damaged files
                 vectors = None
+        elif file.is_file():
+            warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
         if vectors is None or len(vectors) != count:
             vectors = self._new_usearch()
             keys, vecs = self._stored_vectors()
@@ -307,7 +409,7 @@ class Index:
             if not self.read_only:
                 self._write_vectors(vectors, self.generation)
         if not self.read_only:
-            for stale in self.path.glob("vectors-*"):
+            for stale in self.path.glob("vectors-*.usearch"):
                 if stale.name != file.name:
                     stale.unlink(missing_ok=True)
         return vectors
@@ -323,36 +425,50 @@ class Index:
                 rows += self._conn.execute(
                     f"SELECT key, vector FROM cases WHERE key IN ({','.join('?' * len(part))})", part
                 ).fetchall()
+        size = 4 * self.dim
+        bad = [r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != size]
+        if bad:
+            warnings.warn(
+                f"{self.path}: case(s) {', '.join(map(str, bad[:10]))} have a damaged stored vector and are left out of "
+                "search (remove and re-add them)", stacklevel=3,
+            )
+            rows = [r for r in rows if r[0] not in set(bad)]
         ks = np.array([r[0] for r in rows], dtype=np.uint64)
         vs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         return ks, vs
 
-    def _write_vectors(self, vectors: _USearch, generation: int) -> None:
-        """Write the usearch file for `generation` aside, fsync it, and rename it into place."""
-        with write_atomically(self._vector_file(generation)) as tmp:
+    def _write_vectors(self, vectors: _USearch, generation: int) -> str:
+        """Write the usearch file for `generation` aside, fsync it, rename it into place, and
+        record its checksum (in the caller's transaction, or at once when there is none)."""
+        with write_atomically(self._vector_file(generation), mode=FILE_MODE) as tmp:
             vectors.save(str(tmp))
+            digest = file_sha256(tmp)
+        self._conn.execute("INSERT OR REPLACE INTO info VALUES ('vectors_sha256', ?)", (digest,))
+        self._info["vectors_sha256"] = digest
+        return digest
 
     def _commit(self, change) -> Any:
         """Run `change(cursor, vectors)` as one durable step: SQLite transaction + new vector file."""
-        if self.read_only:
-            raise CaseIndexError(f"{self.path}: opened read-only")
-        old = self.generation
-        new = old + 1
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = change(self._conn, self._vectors)
-            self._conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
-            self._write_vectors(self._vectors, new)
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            self._vector_file(new).unlink(missing_ok=True)
-            self._info["generation"] = str(old)
-            self._vectors = self._load_vectors()
-            raise
-        self._info["generation"] = str(new)
-        self._vector_file(old).unlink(missing_ok=True)
-        return result
+        with self._writer():
+            old = self.generation
+            new = old + 1
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = change(self._conn, self._vectors)
+                self._conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
+                self._write_vectors(self._vectors, new)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                self._vector_file(new).unlink(missing_ok=True)
+                self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
+                self._vectors = self._load_vectors()
+                raise
+            self._info["generation"] = str(new)
+            self._loaded = new
+            self._vector_file(old).unlink(missing_ok=True)
+            return result
 
     # -- adding and removing -----------------------------------------------------------------
 
@@ -464,6 +580,42 @@ class Index:
             else:
                 raise ValueError(f"export format must be csv or jsonl, got {fmt!r}")
         return len(cases)
+
+    def check(self, repair: bool = False) -> dict[str, Any]:
+        """Consistency of the index: rows, searchable vectors, the vector file's checksum, damaged
+        rows and leftover files. With `repair` (read-write), the vector file is rewritten from
+        SQLite and leftovers of interrupted writers are removed."""
+        file = self._vector_file(self.generation)
+        rows = len(self)
+        damaged = [k for (k, n) in self._conn.execute("SELECT key, length(vector) FROM cases") if n != 4 * self.dim]
+        recorded = self._info.get("vectors_sha256")
+        leftovers = [p for p in self.path.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+        leftovers += [p for p in self.path.glob("vectors-*.usearch") if p != file]
+        report = {
+            "path": str(self.path),
+            "rows": rows,
+            "vectors": len(self._vectors),
+            "vector_file": file.name if file.is_file() else None,
+            "checksum": "missing" if not file.is_file() else
+                        ("not recorded" if recorded is None else ("ok" if file_sha256(file) == recorded else "differs")),
+            "damaged_rows": damaged,
+            "leftover_files": sorted(p.name for p in leftovers),
+        }  # fmt: skip
+        report["ok"] = (
+            report["rows"] == report["vectors"] + len(damaged) and report["checksum"] in ("ok", "not recorded")
+            and not damaged and not leftovers
+        )  # fmt: skip
+        if repair and not report["ok"]:
+            with self._writer():
+                self._vectors = self._new_usearch()
+                keys, vecs = self._stored_vectors()
+                if len(keys):
+                    self._vectors.add(keys, vecs)
+                self._write_vectors(self._vectors, self.generation)
+                for p in leftovers:
+                    p.unlink(missing_ok=True)
+            report["repaired"] = True
+        return report
 
     # -- adding, correcting and removing ---------------------------------------------------------
 
@@ -627,6 +779,11 @@ class Index:
         if "grade" in removed:
             raise ValueError("a case's grade can be corrected, not removed")
         at = now()
+        with self._writer():
+            self._update(key, grade, extra, removed, at)
+        return self.get(key)
+
+    def _update(self, key: int, grade: int | None, extra: dict[str, Any], removed: list[str], at: str) -> None:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             stored_grade, stored_meta = self._conn.execute("SELECT grade, meta FROM cases WHERE key = ?", (key,)).fetchone()
@@ -654,7 +811,6 @@ class Index:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
-        return self.get(key)
 
     def _insert(
         self, cur: sqlite3.Connection, vectors: _USearch, rows: list[tuple], keep: list[tuple[int, str]] | None = None
@@ -709,6 +865,7 @@ class Index:
         fundus_sdk.filters), e.g. where={"grade": [2, 3]}, exclude={"patient": 10310}; k hits
         are still returned when k such cases exist.
         """
+        self.refresh()
         allowed = self._filter_keys(where, exclude) if (where or exclude) else None
         vecs = self._vectors_given(query)
         if vecs is not None:

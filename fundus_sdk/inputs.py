@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -27,6 +28,7 @@ ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarra
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
+MAX_ASPECT = 4.0  # cameras give 1:1 to 16:9; a 20000x100 strip is no fundus photo
 
 # The still raster formats PIL may recognise an encoded input as (by its content, whatever its
 # name). Vector and document formats (EPS, PS, PDF) are never opened: PIL hands them to
@@ -44,12 +46,15 @@ class Decoded:
     name: str  # for messages: the path, or the input's type
 
 
-def find_images(paths: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+def find_images(
+    paths: Iterable[str | Path], recursive: bool = False, on_missing: Callable[[ImageError], None] | None = None
+) -> list[Path]:
     """Image files named directly, plus those inside the folders given, in a stable order.
 
     Files named directly are kept whatever their suffix (the user asked for them; the content
     decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES.
-    Raises FileNotFoundError for a path that does not exist.
+    A path that cannot be opened (missing, a dangling symbolic link, a link loop) raises
+    FileNotFoundError, or, with `on_missing`, is reported to it and left out.
     """
     found: list[Path] = []
     for p in map(Path, paths):
@@ -59,9 +64,26 @@ def find_images(paths: Iterable[str | Path], recursive: bool = False) -> list[Pa
         elif p.exists():
             found.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            reason = missing_reason(p)
+            if on_missing is None:
+                raise FileNotFoundError(f"{p}: {reason}")
+            on_missing(ImageError(p, reason))
     seen: set[Path] = set()
     return [f for f in found if not (f in seen or seen.add(f))]
+
+
+def missing_reason(path: Path) -> str:
+    """Why `path` cannot be opened, in words: no such file, a dangling link or a link loop."""
+    if not path.is_symlink():
+        return "no such file or folder"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "symbolic link loop"
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            return "symbolic link loop"
+    return f"dangling symbolic link (to {os.readlink(path)})"
 
 
 def pixel_hash(rgb: np.ndarray) -> str:
@@ -136,6 +158,8 @@ def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:
             w, h = pil.size
             if min(w, h) < MIN_SIDE:
                 raise ImageError(name, f"image is {w}x{h} pixels, too small to be a fundus photo")
+            if max(w, h) > MAX_ASPECT * min(w, h):
+                raise ImageError(name, f"image is {w}x{h} pixels, too elongated to be a fundus photo")
             if draft_size and fmt == "JPEG":
                 pil.draft(None, (draft_size, draft_size))
             pil = ImageOps.exif_transpose(pil)
@@ -146,7 +170,7 @@ def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:
             raise ImageError(name, f"refused as a decompression bomb ({exc})") from exc
         except Image.UnidentifiedImageError as exc:
             raise ImageError(name, "not an image file PIL can identify (raster formats only)") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Exception as exc:  # any decoder failure is this file's problem, never the batch's
             raise ImageError(name, f"corrupt or truncated image ({exc})") from exc
     return Decoded(_to_rgb(pil, name), hashlib.sha256(data).hexdigest(), fmt, name)
 
@@ -158,6 +182,8 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         raise ImageError(name, f"arrays must be HxWx3 uint8, got shape {arr.shape} dtype {arr.dtype}")
     if min(arr.shape[:2]) < MIN_SIDE:
         raise ImageError(name, f"array is {arr.shape[1]}x{arr.shape[0]} pixels, too small")
+    if max(arr.shape[:2]) > MAX_ASPECT * min(arr.shape[:2]):
+        raise ImageError(name, f"array is {arr.shape[1]}x{arr.shape[0]} pixels, too elongated to be a fundus photo")
     return Image.fromarray(np.ascontiguousarray(arr[:, :, :3]), "RGB")
 
 

@@ -1,0 +1,184 @@
+"""The index under faults and company: one writer at a time, readers that see commits, damage
+detected instead of trusted, a killed commit that read-only commands survive, private files."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fundus_sdk import CaseIndexError, Index, load_model
+from tests.shared import REPO, RETINA
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def filled(path: Path, model, n: int = 40) -> np.ndarray:
+    vectors = unit(n, model.dim)
+    with Index.create(path, model=model) as ix:
+        ix.add(vectors, [{"grade": i % 5} for i in range(n)], model_fingerprint=model.fingerprint)
+    return vectors
+
+
+def python(code: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, **kwargs)
+
+
+def test_a_second_writer_waits_then_fails_naming_the_holder(tmp_path, model):
+    filled(tmp_path / "cases", model, 4)
+    holder = python(f"""
+        import time
+        from fundus_sdk import Index
+        ix = Index.open({str(tmp_path / "cases")!r})
+        with ix._writer():
+            print("locked", flush=True)
+            time.sleep(6)
+    """, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with Index.open(tmp_path / "cases", model=model) as ix:
+        ix.lock_timeout = 0.5
+        started = time.monotonic()
+        with pytest.raises(CaseIndexError, match=rf"another writer holds the index \(pid {holder.pid} "):
+            ix.add(unit(1, model.dim, seed=9), model_fingerprint=model.fingerprint)
+        assert time.monotonic() - started >= 0.5
+        assert len(ix) == 4
+    holder.kill()
+    holder.wait()
+    with Index.open(tmp_path / "cases", model=model) as ix:  # the lock dies with its holder
+        ix.add(unit(1, model.dim, seed=9), model_fingerprint=model.fingerprint)
+        assert len(ix) == 5
+
+
+def test_writers_never_save_from_a_stale_view(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 10)
+    a = Index.open(tmp_path / "cases", model=model)
+    b = Index.open(tmp_path / "cases", model=model)
+    (key,) = b.add(unit(1, model.dim, seed=5), model_fingerprint=model.fingerprint)
+    a.remove([1])  # a's view predates b's add: it must not drop b's vector when it saves
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert len(ro) == 10 and ro.check()["ok"]
+        assert ro.search(unit(1, model.dim, seed=5)[0], k=1)[0].key == key
+        assert ro.search(vectors[1], k=1)[0].key != 1
+    a.close()
+    b.close()
+
+
+def test_a_long_lived_reader_sees_later_commits(tmp_path, model):
+    filled(tmp_path / "cases", model, 10)
+    with Index.open(tmp_path / "cases", read_only=True) as reader, Index.open(tmp_path / "cases", model=model) as writer:
+        new = unit(3, model.dim, seed=7)
+        keys = writer.add(new, model_fingerprint=model.fingerprint)
+        assert [reader.search(v, k=1)[0].key for v in new] == keys
+        assert len(reader.search(new[0], k=20)) == 13
+
+
+def test_a_vector_file_with_flipped_bytes_is_detected_and_rebuilt(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 40)
+    (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
+    data = bytearray(file.read_bytes())
+    for i in range(len(data) - 4000, len(data) - 100, 7):  # same size, damaged vectors
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="checksum differs"), Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert ro.check()["checksum"] == "differs"
+        assert [ro.search(v, k=1)[0].key for v in vectors] == list(range(1, 41))
+
+
+def test_a_damaged_row_is_quarantined_not_fatal(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 10)
+    db = sqlite3.connect(tmp_path / "cases" / "cases.sqlite")
+    db.execute("UPDATE cases SET vector = x'0000' WHERE key = 3")
+    db.commit()
+    db.close()
+    for f in (tmp_path / "cases").glob("vectors-*.usearch"):
+        f.unlink()  # forces a rebuild from SQLite
+    with pytest.warns(UserWarning, match=r"case\(s\) 3 have a damaged stored vector"):
+        ix = Index.open(tmp_path / "cases", model=model)
+    with ix:
+        assert ix.search(vectors[5], k=1)[0].key == 6
+        assert ix.check()["damaged_rows"] == [3]
+
+
+def test_a_commit_killed_midway_leaves_an_index_read_only_commands_open(tmp_path, model):
+    filled(tmp_path / "cases", model, 200)
+    killer = python(f"""
+        import os, sqlite3
+        c = sqlite3.connect({str(tmp_path / "cases" / "cases.sqlite")!r}, isolation_level=None)
+        c.execute("PRAGMA cache_size=1")
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("UPDATE cases SET meta = '{{\\"x\\": 1}}'")
+        os._exit(9)
+    """)
+    killer.wait()
+    assert (tmp_path / "cases" / "cases.sqlite-journal").exists()  # a hot journal, as a kill leaves it
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert len(ro) == 200 and all(c.metadata == {} for c in ro)  # the unfinished change rolled back
+    proc = subprocess.run([sys.executable, "-m", "fundus_sdk", "index", "info", str(tmp_path / "cases")],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_leftover_of_an_interrupted_create_does_not_block_creating_again(tmp_path, model):
+    (tmp_path / ".cases.creating-99999").mkdir()  # what a kill during creation leaves: no index at the path
+    (tmp_path / ".cases.creating-99999" / "cases.sqlite").write_bytes(b"")
+    assert not (tmp_path / "cases").exists()
+    with Index.create(tmp_path / "cases", model=model) as ix:
+        assert len(ix) == 0
+
+
+def test_index_files_are_readable_by_their_owner_only(tmp_path, model):
+    filled(tmp_path / "cases", model, 3)
+    assert stat.S_IMODE((tmp_path / "cases").stat().st_mode) == 0o700
+    for f in (tmp_path / "cases").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f.name
+
+
+def test_check_reports_and_repair_fixes(tmp_path, model):
+    filled(tmp_path / "cases", model, 10)
+    (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
+    file.write_bytes(file.read_bytes()[:-50])
+    (tmp_path / "cases" / ".vectors-7.usearch.4242.tmp").write_bytes(b"half")
+    proc = subprocess.run([sys.executable, "-m", "fundus_sdk", "index", "check", str(tmp_path / "cases")],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 1 and "differs" in proc.stdout and ".vectors-7.usearch.4242.tmp" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "fundus_sdk", "index", "check", str(tmp_path / "cases"), "--repair"],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert ro.check()["ok"]
+
+
+def test_a_bad_path_in_a_batch_is_one_failure_and_the_rest_is_done(tmp_path):
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fundus_sdk", "embed", str(RETINA), str(tmp_path / "gone.jpg"), str(tmp_path / "loop.jpg"),
+         str(tmp_path / "missing.jpg"), "-o", str(tmp_path / "e.npz")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "embedded 1 images, 3 failed" in proc.stdout
+    assert "gone.jpg: dangling symbolic link" in proc.stderr and "loop.jpg: symbolic link loop" in proc.stderr
+    assert "missing.jpg: no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_strip_is_not_a_photo():
+    from fundus_sdk import ImageError, decode
+
+    with pytest.raises(ImageError, match="20000x100 pixels, too elongated"):
+        decode(np.zeros((100, 20000, 3), np.uint8))
