@@ -8,6 +8,7 @@ mismatch, ...); 130 interrupted (an index keeps its last committed state).
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,10 @@ def handle_errors(fn: Callable) -> Callable:
             fatal(str(exc))
         except KeyError as exc:  # a case that is not in the index
             fatal(str(exc.args[0]))
+        except sqlite3.Error as exc:  # a damaged database file, or a full disk at commit
+            fatal(f"the index database failed: {exc}")
+        except OSError as exc:  # e.g. a full disk: the index and any output stay as they were
+            fatal(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(Exit.INTERRUPTED)
@@ -67,6 +72,18 @@ def progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], No
 
 def report_failure(err: ImageError) -> None:
     click.echo(f"skipped {err}", err=True)
+
+
+def gather(paths: tuple[str, ...] | list[str], recursive: bool) -> tuple[list[Path], list[ImageError]]:
+    """The image files of PATHS; paths that cannot be opened are named on stderr and left out,
+    and finding nothing at all is fatal (one line)."""
+    missing: list[ImageError] = []
+    files = find_images(paths, recursive, on_missing=missing.append)
+    if not files:
+        fatal("; ".join(str(e) for e in missing) if missing else f"no images found in {', '.join(map(str, paths))}")
+    for err in missing:
+        report_failure(err)
+    return files, missing
 
 
 model_option = click.option(
@@ -115,10 +132,7 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
     Example:
       fundus-sdk embed photos/ -o photos.npz
     """
-    missing: list[ImageError] = []
-    files = find_images(paths, recursive, on_missing=lambda e: (missing.append(e), report_failure(e)))
-    if not files:
-        fatal(f"no images found in {', '.join(paths)}")
+    files, missing = gather(paths, recursive)
     model = load_model(model_path)
     vectors, names, hashes, failures = [], [], [], len(missing)
     started = time.perf_counter()
@@ -224,9 +238,8 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
                 on_conflict=on_conflict,
             )  # fmt: skip
         photos = [p for p in paths if Path(p).suffix.lower() not in FORMATS]
-        files = find_images(photos, recursive, on_missing=failed) if photos else []
-        if photos and not files:
-            fatal(f"no images found in {', '.join(photos)}")
+        files, missing = gather(photos, recursive) if photos else ([], [])
+        failures += len(missing)  # named on stderr by gather
         if files:
             folders = [Path(p) for p in photos if Path(p).is_dir()]
             keep, meta = label_metadata(files, labels, folders, allow_unlabelled, failed)

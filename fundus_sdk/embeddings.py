@@ -79,7 +79,10 @@ def read_embeddings(path: str | Path) -> Embeddings:
 
 
 def _read_npz(path: Path) -> Embeddings:
-    with np.load(path, allow_pickle=False) as data:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise EmbeddingFileError(f"{path}: a single array (.npy), not an embedding file from `fundus-sdk embed`")
+    with data:
         missing = [k for k in ("vectors", "paths", "sha256", "model_fingerprint") if k not in data]
         if missing:
             raise EmbeddingFileError(f"{path}: not an embedding file from `fundus-sdk embed` (missing {', '.join(missing)})")

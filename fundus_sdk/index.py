@@ -205,6 +205,7 @@ class Index:
     lock_timeout = 30.0  # seconds a writer waits for another process's write to finish
 
     def __init__(self, path: Path, conn: sqlite3.Connection, read_only: bool, model: Model | None) -> None:
+        self._locked = False  # whether this process holds the writer lock now
         self.path = path
         self._conn = conn
         self.read_only = read_only
@@ -216,6 +217,25 @@ class Index:
             raise ModelMismatchError(self._mismatch(model))
         self._vectors = self._load_vectors()
         self._loaded = self.generation
+        if not read_only:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Remove a killed writer's leftovers now if no writer is at work (else the next write will)."""
+        with os.fdopen(os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE), "r+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            self._locked = True
+            try:
+                self.refresh()
+                file = self._vector_file(self.generation)
+                if not file.is_file() or file_sha256(file) != self._info.get("vectors_sha256", file_sha256(file)):
+                    self._write_vectors(self._vectors, self.generation)  # the rebuilt one
+                self._remove_leftovers()
+            finally:
+                self._locked = False
 
     def refresh(self) -> bool:
         """See what other processes committed since this index was opened or last refreshed.
@@ -253,9 +273,11 @@ class Index:
             lock.truncate()
             lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
             lock.flush()
+            self._locked = True
             self.refresh()
             yield
         finally:
+            self._locked = False
             lock.close()  # releases the lock
 
     # -- opening and creating -------------------------------------------------------------
@@ -388,7 +410,19 @@ class Index:
         return _USearch(ndim=self.dim, metric="cos", dtype=self._info["dtype"], expansion_search=self.expansion_search)
 
     def _load_vectors(self) -> _USearch:
-        """The generation's usearch index; rebuilt from SQLite when missing or inconsistent."""
+        """The generation's usearch index; rebuilt from SQLite when missing or inconsistent.
+
+        A writer in another process may commit meanwhile and remove this generation's file: then
+        the newer generation is read instead.
+        """
+        for _ in range(20):
+            try:
+                return self._load_generation()
+            except FileNotFoundError:
+                self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
+        return self._load_generation()
+
+    def _load_generation(self) -> _USearch:
         file = self._vector_file(self.generation)
         count = len(self)
         vectors = None
@@ -406,12 +440,8 @@ class Index:
             keys, vecs = self._stored_vectors()
             if len(keys):
                 vectors.add(keys, vecs)
-            if not self.read_only:
+            if self._locked:  # only the writer-lock holder writes files; others rebuild in memory
                 self._write_vectors(vectors, self.generation)
-        if not self.read_only:
-            for stale in self.path.glob("vectors-*.usearch"):
-                if stale.name != file.name:
-                    stale.unlink(missing_ok=True)
         return vectors
 
     def _stored_vectors(self, keys: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -467,8 +497,20 @@ class Index:
                 raise
             self._info["generation"] = str(new)
             self._loaded = new
-            self._vector_file(old).unlink(missing_ok=True)
+            self._remove_leftovers()
             return result
+
+    def _leftovers(self) -> list[Path]:
+        """Files no reader needs: other generations' vector files, writers' temporary files."""
+        current = self._vector_file(self.generation)
+        return [p for p in self.path.iterdir()
+                if (p.name.startswith(".vectors-") and p.name.endswith(".tmp"))
+                or (p.name.startswith("vectors-") and p.suffix == ".usearch" and p != current)]  # fmt: skip
+
+    def _remove_leftovers(self) -> None:
+        """Under the writer lock no other writer has a file in flight: what is left is a dead one's."""
+        for p in self._leftovers():
+            p.unlink(missing_ok=True)
 
     # -- adding and removing -----------------------------------------------------------------
 
@@ -589,8 +631,7 @@ class Index:
         rows = len(self)
         damaged = [k for (k, n) in self._conn.execute("SELECT key, length(vector) FROM cases") if n != 4 * self.dim]
         recorded = self._info.get("vectors_sha256")
-        leftovers = [p for p in self.path.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-        leftovers += [p for p in self.path.glob("vectors-*.usearch") if p != file]
+        leftovers = self._leftovers()
         report = {
             "path": str(self.path),
             "rows": rows,
@@ -601,19 +642,17 @@ class Index:
             "damaged_rows": damaged,
             "leftover_files": sorted(p.name for p in leftovers),
         }  # fmt: skip
-        report["ok"] = (
-            report["rows"] == report["vectors"] + len(damaged) and report["checksum"] in ("ok", "not recorded")
-            and not damaged and not leftovers
+        report["ok"] = (  # leftovers are only garbage of a killed writer: reported, removed by the next write
+            report["rows"] == report["vectors"] + len(damaged) and report["checksum"] in ("ok", "not recorded") and not damaged
         )  # fmt: skip
-        if repair and not report["ok"]:
+        if repair and not (report["ok"] and not leftovers):
             with self._writer():
                 self._vectors = self._new_usearch()
                 keys, vecs = self._stored_vectors()
                 if len(keys):
                     self._vectors.add(keys, vecs)
                 self._write_vectors(self._vectors, self.generation)
-                for p in leftovers:
-                    p.unlink(missing_ok=True)
+                self._remove_leftovers()
             report["repaired"] = True
         return report
 

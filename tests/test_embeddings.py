@@ -37,3 +37,13 @@ def test_a_broken_file_is_a_clear_error(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(EmbeddingFileError, match="bad.npz: not a readable embedding file"):
         read_embeddings(tmp_path / "bad.npz")
+
+
+def test_an_npy_named_npz_and_a_folder_named_npz_are_clear_errors(tmp_path):
+    with open(tmp_path / "x.npz", "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(EmbeddingFileError, match="x.npz: a single array"):
+        read_embeddings(tmp_path / "x.npz")
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(EmbeddingFileError, match="d.npz: not a readable embedding file"):
+        read_embeddings(tmp_path / "d.npz")

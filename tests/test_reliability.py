@@ -182,3 +182,68 @@ def test_a_strip_is_not_a_photo():
 
     with pytest.raises(ImageError, match="20000x100 pixels, too elongated"):
         decode(np.zeros((100, 20000, 3), np.uint8))
+
+
+WRITER = """
+import sys, numpy as np
+from fundus_sdk import Index, load_model
+path, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model = load_model()
+rng = np.random.default_rng(seed)
+with Index.open(path, model=model) as ix:
+    for r in range(rounds):
+        v = rng.normal(size=(3, model.dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        keys = ix.add(v, model_fingerprint=model.fingerprint)
+        np.save(f"{path}/../confirmed-{seed}-{r}.npy", v)  # only once add() has returned
+        print(*keys, flush=True)
+        if r % 4 == 3:
+            ix.remove([keys[0]])
+            print("removed", keys[0], flush=True)
+"""
+
+READER = """
+import sys, numpy as np
+from fundus_sdk import Index
+with Index.open(sys.argv[1], read_only=True) as ix:
+    for _ in range(int(sys.argv[2])):
+        v = np.random.default_rng(0).normal(size=ix.dim).astype(np.float32)
+        ix.search(v / np.linalg.norm(v), k=5)
+print("reader done", flush=True)
+"""
+
+
+def test_soak_writers_readers_and_a_killer_on_one_index(tmp_path, model):
+    """Three writers, two readers and kill -9 of one writer, for a fixed number of rounds:
+    afterwards every confirmed add is found, every confirmed remove is gone, rows == vectors."""
+    index = tmp_path / "soak" / "cases"
+    index.parent.mkdir()
+    filled(index, model, 5)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(index), str(s), rounds], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True) for s, rounds in enumerate(["12", "12", "2000"])]  # fmt: skip
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(index), "150"], cwd=REPO,
+                                stdout=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    victim = writers[2]
+    first = victim.stdout.readline()  # it has committed at least once
+    time.sleep(0.3)
+    victim.kill()
+    outputs = {2: first + victim.communicate()[0]} | {s: w.communicate(timeout=240)[0] for s, w in enumerate(writers[:2])}
+    assert [w.returncode for w in writers] == [0, 0, -9]  # the victim died mid-run
+    assert all(r.communicate(timeout=240)[0].strip() == "reader done" for r in readers)
+    confirmed, removed = {}, set()  # (writer, round) -> keys printed once add() returned
+    for seed, out in outputs.items():
+        rounds = [line.split() for line in out.splitlines()]
+        removed |= {int(r[1]) for r in rounds if r[0] == "removed"}
+        for i, keys in enumerate(r for r in rounds if r[0] != "removed"):
+            confirmed[seed, i] = [int(k) for k in keys]
+    assert len(confirmed) >= 25 and removed
+    last = max(r for s, r in confirmed if s == 2)  # the victim may have died between a remove and its report
+    unsure = {confirmed[2, last][0]} if last % 4 == 3 else set()
+    with Index.open(index, read_only=True) as ro:
+        report = ro.check()
+        assert report["ok"] and report["rows"] == report["vectors"], report
+        assert not {c.key for c in ro} & removed
+        for (seed, r), keys in confirmed.items():
+            for v, key in zip(np.load(index.parent / f"confirmed-{seed}-{r}.npy"), keys):
+                if key not in removed | unsure:
+                    assert ro.search(v, k=1)[0].key == key
