@@ -18,9 +18,11 @@ from PIL import Image
 from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
 from tests.shared import FIXTURES, eyepacs_sample
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import LabelError, read_labels
-from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, relevant_degree
+from training.evaluate import evaluate_checkpoint
+from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, ordinal_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
 from training.probe import auc, linear_probe
 from training.train import train
@@ -284,7 +286,7 @@ def test_probe_of_a_checkpoint_reuses_its_training_cache_and_reports_every_grade
     assert main(["probe", "--data", str(tiny_data), "--checkpoint", str(best), "--cache-dir", str(cache)]) == 0
     assert sorted(cache.rglob("*")) == before  # the run's own trunk maps, not recomputed ones
     out = capsys.readouterr().out
-    table = out[out.index("grade  queries") :].splitlines()[1:6]
+    table = out[out.index("grade  queries") :].splitlines()[2:7]  # under the header and its rule
     assert [int(row.split()[0]) for row in table] == [0, 1, 2, 3, 4]
     with open(tiny_data, newline="") as f:
         tests = sum(row["split"] == "test" for row in csv.DictReader(f))
@@ -292,3 +294,50 @@ def test_probe_of_a_checkpoint_reuses_its_training_cache_and_reports_every_grade
     assert all(0 <= float(row.split()[3]) <= 1 for row in table[1:])
     assert main(["probe", "--data", str(tiny_data), "--input-size", "128", "--cache-dir", str(tmp_path)]) == 0
     assert "(ImageNet, untrained)" in capsys.readouterr().out  # no checkpoint: the untrained backbone
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_data, tmp_path_factory):
+    """The whole network trained (nothing frozen) on photos in memory, with the ordinal term."""
+    root = tmp_path_factory.mktemp("whole")
+    cfg = replace(tiny_config(tiny_data, root / "w", root / "cache", ordinal_weight=1.0), epochs=2, batches_per_epoch=3)
+    return cfg, train(cfg, ModelConfig(dim=32, input_size=96, frozen_blocks=0))
+
+
+def test_whole_network_training_updates_the_stem_and_writes_a_full_checkpoint(whole_run):
+    cfg, best = whole_run
+    ckpt = load_checkpoint(best)
+    start = FundusNet(ckpt.config, pretrained=True).state_dict()
+    assert not torch.equal(ckpt.state["model"]["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])
+    assert ckpt.state["train_config"]["ordinal_weight"] == 1.0 and ckpt.preprocess.size == 96
+    assert set(ckpt.state["test"]["per_grade"]["mHR"]) == {0, 1, 2, 3, 4}
+    log = (Path(cfg.out) / "log.txt").read_text()
+    assert "(in memory)" in log and "broken.jpg" in log
+    assert not list(Path(cfg.cache_dir).glob("*"))  # no trunk cache for the whole network
+
+
+def test_init_fine_tunes_from_a_checkpoint(whole_run, tmp_path):
+    cfg, best = whole_run
+    tuned = train(replace(cfg, out=str(tmp_path / "t"), init=str(best), epochs=1), load_checkpoint(best).config)
+    assert "initialised from" in (tmp_path / "t" / "log.txt").read_text()
+    assert load_checkpoint(tuned).state["train_config"]["init"] == str(best)
+
+
+def test_evaluate_reports_the_patient_split_and_the_papers_image_split(whole_run, tiny_data, capsys):
+    from training.__main__ import main
+
+    _, best = whole_run
+    assert main(["evaluate", "--data", str(tiny_data), "--checkpoint", str(best)]) == Exit.OK
+    out = capsys.readouterr().out
+    assert "patient split" in out and "image split" in out
+    reports = evaluate_checkpoint(TrainConfig(data=str(tiny_data)), str(best))
+    assert reports["patient"]["n_queries"] == 24  # the test split
+    assert reports["image"]["n_queries"] == round(0.2 * 64)  # a fifth of the 64 readable photos
+    assert reports["patient"]["micro"]["mHR"] == pytest.approx(load_checkpoint(best).state["test"]["micro"]["mHR"])
+
+
+def test_ordinal_loss_costs_more_the_further_the_mass_from_the_grade():
+    grades = torch.tensor([0])
+    near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0]])  # mass on grade 1
+    far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0]])  # mass on grade 4
+    assert ordinal_loss(far, grades) > ordinal_loss(near, grades) > ordinal_loss(torch.tensor([[5.0, 0, 0, 0, 0]]), grades)

@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a training checkpoint; its model and preprocessing override --backbone, --frozen-blocks, "
         "--input-size and --recipe (default: the untrained ImageNet backbone)",
     )
+    e = sub.add_parser(
+        "evaluate",
+        help="retrieval of a checkpoint, by patient split and by the paper's image-level split",
+        description="Evaluate (see training/evaluate.py). Example: python -m training evaluate "
+        "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
+    )
+    add_data_and_model(e)
+    e.add_argument("--checkpoint", required=True, help="a training checkpoint (its model and preprocessing are used)")
     return parser
 
 
@@ -126,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
 
             run(cfg, model_cfg, Path(args.out), args.variants, args.seeds)
             print((Path(args.out) / "ABLATIONS.md").read_text())
+        elif args.command == "evaluate":
+            from fundus_sdk.metrics import format_report
+
+            from .evaluate import evaluate_checkpoint
+
+            for protocol, report in evaluate_checkpoint(cfg, args.checkpoint).items():
+                print(f"{protocol} split (gallery = the rest, k = {cfg.k}):\n{format_report(report)}\n")
         elif args.command == "probe":
             from .probe import format_probe, probe
 
