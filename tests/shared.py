@@ -19,7 +19,8 @@ from training.data import DATA_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256")
+# resolved, as the index stores photos' paths: a shared/ reached through a link compares equal
+EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256").resolve()
 RETINA = FIXTURES / "retina.jpg"
 
 

@@ -295,7 +295,7 @@ def test_checkpoints_from_before_recipe_v3_keep_their_preprocessing(tmp_path, re
 
 
 def test_missing_checkpoint_and_missing_calibration(tmp_path, capsys):
-    assert cli_main([str(tmp_path / "nope.pt"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert cli_main([str(tmp_path / "nope.pt"), "-o", str(tmp_path / "m.onnx")]) == Exit.FATAL
     assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
     with pytest.raises(ExportError, match="calibration"):
         export_checkpoint(tmp_path / "nope.pt", tmp_path / "m.onnx", precision="int8")
