@@ -206,6 +206,7 @@ class Index:
 
     def __init__(self, path: Path, conn: sqlite3.Connection, read_only: bool, model: Model | None) -> None:
         self._locked = False  # whether this process holds the writer lock now
+        self._rebuilt = False  # whether the vectors in memory were rebuilt from SQLite, not read from their file
         self.path = path
         self._conn = conn
         self.read_only = read_only
@@ -230,9 +231,8 @@ class Index:
             self._locked = True
             try:
                 self.refresh()
-                file = self._vector_file(self.generation)
-                if not file.is_file() or file_sha256(file) != self._info.get("vectors_sha256", file_sha256(file)):
-                    self._write_vectors(self._vectors, self.generation)  # the rebuilt one
+                if self._rebuilt:  # the file was missing or damaged: store the vectors rebuilt from SQLite
+                    self._write_vectors(self._vectors, self.generation)
                 self._remove_leftovers()
             finally:
                 self._locked = False
@@ -435,7 +435,8 @@ class Index:
                 vectors = None
         elif file.is_file():
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
-        if vectors is None or len(vectors) != count:
+        self._rebuilt = vectors is None or len(vectors) != count
+        if self._rebuilt:
             vectors = self._new_usearch()
             keys, vecs = self._stored_vectors()
             if len(keys):
