@@ -25,7 +25,7 @@ from . import __version__, metrics
 from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
-from .filters import FilterError, conditions_to_where
+from .filters import FilterError, compile_filter, conditions_to_where
 from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
@@ -487,7 +487,7 @@ def search(images, index_dir, k, where, exclude, model_path, as_json) -> None:
     with Index.open(index_dir, read_only=True, model=load_model(model_path) if model_path else None) as ix:
         if filters or leave_out:
             try:
-                ix.cases(filters, leave_out)  # an unknown field fails here, before any photo is embedded
+                compile_filter(filters, leave_out, ix.fields())  # an unknown field fails here, before any embedding
             except FilterError as exc:
                 raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
         for image in images:

@@ -437,12 +437,17 @@ class Index:
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
         self._rebuilt = vectors is None or len(vectors) != count
         if self._rebuilt:
-            vectors = self._new_usearch()
-            keys, vecs = self._stored_vectors()
-            if len(keys):
-                vectors.add(keys, vecs)
+            vectors = self._vectors_from_sqlite()
             if self._locked:  # only the writer-lock holder writes files; others rebuild in memory
                 self._write_vectors(vectors, self.generation)
+        return vectors
+
+    def _vectors_from_sqlite(self) -> _USearch:
+        """A usearch index of every vector SQLite holds (the source of truth)."""
+        vectors = self._new_usearch()
+        keys, vecs = self._stored_vectors()
+        if len(keys):
+            vectors.add(keys, vecs)
         return vectors
 
     def _stored_vectors(self, keys: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -648,10 +653,7 @@ class Index:
         )  # fmt: skip
         if repair and not (report["ok"] and not leftovers):
             with self._writer():
-                self._vectors = self._new_usearch()
-                keys, vecs = self._stored_vectors()
-                if len(keys):
-                    self._vectors.add(keys, vecs)
+                self._vectors = self._vectors_from_sqlite()
                 self._write_vectors(self._vectors, self.generation)
                 self._remove_leftovers()
             report["repaired"] = True
