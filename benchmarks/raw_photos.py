@@ -25,7 +25,7 @@ from PIL import Image
 import fundus_sdk
 from fundus_sdk import metrics
 from fundus_sdk.labels import read_labels
-from tests.raw_camera import enhanced_like_eyepacs, jpeg, simulated_raw
+from training.camera import enhanced_like_eyepacs, jpeg, simulated_raw
 
 from .common import EYEPACS_IMAGES, RETINA, print_header
 

@@ -5,12 +5,14 @@
     index.add(["a.jpg", "b.jpg"], metadata=[{"grade": 0}, {"grade": 2}])
     hits = fundus_sdk.search("new_patient.jpg", index, k=10)  # list[Hit], best first
     vectors = fundus_sdk.embed(["a.jpg", "b.jpg"])            # (2, dim) float32, unit rows
+    verdicts = fundus_sdk.load_model().check(["a.jpg"])       # is it a gradable fundus photo?
 """
 
 from . import metrics
 from .embeddings import Embeddings, read_embeddings, write_embeddings
 from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
 from .evaluation import evaluate_index
+from .gate import NotFundusError, UngradableWarning, Verdict
 from .index import Case, Hit, Index, RebuildReport, rebuild, search
 from .inputs import Decoded, decode, find_images
 from .labels import GRADES, Label, LabelError, read_labels
@@ -30,6 +32,10 @@ __all__ = [
     "Hit",
     "rebuild",
     "RebuildReport",
+    # the input gate
+    "Verdict",
+    "NotFundusError",
+    "UngradableWarning",
     # inputs, labels, files
     "decode",
     "Decoded",

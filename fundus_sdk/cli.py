@@ -11,6 +11,7 @@ import json
 import sqlite3
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -21,15 +22,16 @@ from typing import Any
 import click
 import numpy as np
 
-from . import __version__, metrics
+from . import __version__, contract, metrics
 from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
 from .filters import FilterError, compile_filter, conditions_to_where
+from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning
 from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
-from .model import load_model
+from .model import MODEL_LICENCE, default_model_path, load_model
 from .tables import format_table
 
 
@@ -94,6 +96,10 @@ COMMIT_SECONDS = 20.0  # `index add` commits at least this often: what an interr
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
 batch_option = click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 recursive_option = click.option("-r", "--recursive", is_flag=True, help="Look for images in sub-folders too.")
+check_option = click.option(
+    "--no-check", "no_check", is_flag=True,
+    help="Skip the input gate (by default, pictures that are not colour fundus photographs are refused).",
+)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__.split("\n\n", 1)[1])
@@ -119,14 +125,16 @@ def main() -> None:
 @recursive_option
 @batch_option
 @model_option
+@check_option
 @quiet_option
 @handle_errors
-def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
+def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet) -> None:
     """Embed every image in the files and folders given.
 
     Writes one unit-norm vector per readable image, with its path and content hash (sha256),
-    to OUTPUT: an .npz (arrays vectors, paths, sha256, and the model's fingerprint) or JSON
-    lines. Unreadable images are named on stderr and skipped (exit status 1).
+    to OUTPUT: an .npz (arrays vectors, paths, sha256, the model's fingerprint and the input
+    gate's verdicts) or JSON lines. Unreadable images, and pictures the input gate judges not to
+    be colour fundus photographs, are named on stderr with the reason and skipped (exit status 1).
 
     \b
     Example:
@@ -134,20 +142,27 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, quiet) -> None:
     """
     files, missing = gather(paths, recursive)
     model = load_model(model_path)
-    vectors, names, hashes, failures = [], [], [], len(missing)
+    vectors, names, hashes, verdicts, failures = [], [], [], [], len(missing)
     started = time.perf_counter()
     with progress(len(files), "embedding", quiet) as advance:
-        for positions, vecs, digests, errors in model.iter_embed(files, batch_size=batch_size):
-            for err in errors:
+        for batch in model.iter_embed(files, batch_size=batch_size, check=not no_check):
+            for err in batch.errors:
                 report_failure(err)
-            failures += len(errors)
-            vectors.append(vecs)
-            names += [str(files[p].resolve()) for p in positions]  # opens from any directory
-            hashes += digests
-            advance(len(positions) + len(errors))
+            failures += len(batch.errors)
+            for pos, vec, sha, verdict in zip(batch.positions, batch.vectors, batch.sha256, batch.verdicts):
+                if verdict is not None and not verdict.fundus:
+                    report_failure(NotFundusError(files[pos], verdict))
+                    failures += 1
+                    continue
+                vectors.append(vec)
+                names.append(str(files[pos].resolve()))  # opens from any directory
+                hashes.append(sha)
+                verdicts.append(verdict.to_dict() if verdict else None)
+            advance(len(batch.positions) + len(batch.errors))
     elapsed = time.perf_counter() - started
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, model.dim), np.float32)
-    write_embeddings(output, Embeddings(matrix, names, hashes, model.fingerprint, model.name), fmt)
+    matrix = np.stack(vectors) if vectors else np.zeros((0, model.dim), np.float32)
+    checked = verdicts if any(v is not None for v in verdicts) else None
+    write_embeddings(output, Embeddings(matrix, names, hashes, model.fingerprint, model.name, checked), fmt)
     click.echo(
         f"embedded {len(names)} images, {failures} failed, {len(files) / max(elapsed, 1e-9):.1f} images/s -> {output}"
     )
@@ -195,9 +210,10 @@ def index_create(directory, model_path, dtype) -> None:
 @recursive_option
 @batch_option
 @model_option
+@check_option
 @quiet_option
 @handle_errors
-def index_add(directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, quiet) -> None:
+def index_add(directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, no_check, quiet) -> None:
     """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
     With --labels, each photo's row is found by its path relative to the folder given (or as
@@ -205,8 +221,10 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
     error. Photos without a row are named and skipped (--allow-unlabelled adds them ungraded).
     Photos already in the index (same content) are recognised before any decoding and not
     embedded again; metadata other than the stored one is named and not applied unless
-    --update. Work is committed every 20 seconds: an interruption loses at most that, and a
-    re-run completes exactly what is missing.
+    --update. Pictures the input gate judges not to be colour fundus photographs are named
+    and skipped (--no-check adds them); each case keeps the gate's gradability score. Work is
+    committed every 20 seconds: an interruption loses at most that, and a re-run completes
+    exactly what is missing.
 
     \b
     Example:
@@ -232,6 +250,8 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
             data = read_embeddings(file)
             files = [Path(p) for p in data.paths]
             keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed)
+            if data.verdicts is not None:  # checked by `embed`: keep the gradability it measured
+                meta = [gradability_of(m, v) for m, v in zip(meta, data.verdicts)]
             ix.add(
                 data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
                 hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
@@ -246,12 +266,19 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
             with progress(len(keep), "adding", quiet) as advance:
                 ix.add(
                     [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
-                    batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance,
+                    batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance, check=not no_check,
                 )  # fmt: skip
         kept = f", {conflicts} conflicting values kept" if conflicts else ""
         click.echo(f"added {len(ix) - before} cases ({failures} failed{kept}); {directory} now holds {len(ix)}")
     if failures or conflicts:
         sys.exit(Exit.PARTIAL)
+
+
+def gradability_of(meta: dict | None, verdict: dict | None) -> dict | None:
+    """A case's metadata with the gradability an embedding file's verdict measured."""
+    if not verdict:
+        return meta
+    return {**(meta or {}), "gradability": verdict["gradability"]}
 
 
 def label_metadata(
@@ -466,13 +493,16 @@ def case_ref(text: str) -> int | str:
               help="Keep only cases where FIELD=VALUE[,VALUE...] or FIELD op VALUE, op one of != < <= > >= (repeatable).")
 @click.option("--exclude", multiple=True, metavar="COND", help="Leave out cases matching COND, e.g. patient=10310 (repeatable).")
 @model_option
+@check_option
 @json_option
 @handle_errors
-def search(images, index_dir, k, where, exclude, model_path, as_json) -> None:
+def search(images, index_dir, k, where, exclude, model_path, no_check, as_json) -> None:
     """Find the cases most similar to each photo.
 
     Values compare by type: numbers as numbers (as label CSVs store them), text as text. A
-    field that no case has is an error naming the fields the index knows.
+    field that no case has is an error naming the fields the index knows. A photo that the
+    input gate judges not to be a colour fundus photograph gets no neighbours (named on
+    stderr, exit status 1); an ungradable one gets them with a warning.
 
     \b
     Example:
@@ -492,16 +522,23 @@ def search(images, index_dir, k, where, exclude, model_path, as_json) -> None:
                 raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
         for image in images:
             try:
-                hits = ix.search(image, k=k, where=filters or None, exclude=leave_out or None)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", UngradableWarning)
+                    vecs, verdicts = ix.embed_queries([image], check=not no_check)
+                for w in caught:
+                    click.echo(f"warning: {w.message}", err=True)
             except ImageError as err:
                 report_failure(err)
                 failures += 1
                 continue
-            results.append((image, hits))
+            hits = ix.search(vecs[0], k=k, where=filters or None, exclude=leave_out or None)
+            results.append((image, verdicts[0], hits))
     if as_json:
-        click.echo(json.dumps([{"query": q, "hits": [h.to_dict() for h in hits]} for q, hits in results], indent=2))
+        click.echo(json.dumps([
+            {"query": q, "verdict": v.to_dict() if v else None, "hits": [h.to_dict() for h in hits]} for q, v, hits in results
+        ], indent=2))  # fmt: skip
     else:
-        for query, hits in results:
+        for query, _, hits in results:
             click.echo(format_hits(query, hits))
     if failures:
         sys.exit(Exit.PARTIAL)
@@ -588,6 +625,11 @@ def info(model_path, as_json) -> None:
     click.echo("packages:    " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if "onnxruntime" in versions and "onnxruntime-gpu" in versions:
         click.echo("warning: onnxruntime and onnxruntime-gpu are both installed; uninstall both and reinstall one", err=True)
+    click.echo(f"licence:     {model.metadata.get(contract.LICENCE) or 'not recorded in the model'}")
+    if model.path == default_model_path():
+        click.echo(f"             (terms in full: {default_model_path().parent / MODEL_LICENCE})")
     click.echo("metadata:")
     for key, value in sorted(model.metadata.items()):
+        if key in (contract.LICENCE, CALIBRATION_KEY):
+            continue  # the licence is printed in full above; the calibration is numbers
         click.echo(f"  {key}: {value if len(value) < 100 else value[:97] + '...'}")

@@ -2,8 +2,10 @@
 
 Two formats, chosen by the file's suffix:
 - `.npz`: arrays `vectors` (n, dim) float32, `paths`, `sha256`, and the model's
-  `model_fingerprint` and `model_name`;
-- `.jsonl` (or `.json`): one JSON object per line with path, sha256, model_fingerprint, vector.
+  `model_fingerprint` and `model_name`, plus `verdicts` (the input gate's, JSON text per row)
+  when the photos were checked;
+- `.jsonl` (or `.json`): one JSON object per line with path, sha256, model_fingerprint, vector
+  and, when checked, verdict.
 Both carry the model's fingerprint, so an index refuses vectors from another model.
 """
 
@@ -13,6 +15,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +38,7 @@ class Embeddings:
     sha256: list[str]
     model_fingerprint: str
     model_name: str = ""
+    verdicts: list[dict[str, Any] | None] | None = None  # the input gate's (Verdict.to_dict), when checked
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,12 +62,15 @@ def write_embeddings(path: str | Path, embeddings: Embeddings, fmt: str | None =
                     sha256=np.array(embeddings.sha256, dtype=str),
                     model_fingerprint=np.array(embeddings.model_fingerprint),
                     model_name=np.array(embeddings.model_name),
-                )
+                    **({} if embeddings.verdicts is None else
+                       {"verdicts": np.array([json.dumps(v) for v in embeddings.verdicts], dtype=str)}),
+                )  # fmt: skip
         else:
             with open(tmp, "w") as f:
-                for p, sha, vec in zip(embeddings.paths, embeddings.sha256, embeddings.vectors):
+                verdicts = embeddings.verdicts or [None] * len(embeddings)
+                for p, sha, vec, verdict in zip(embeddings.paths, embeddings.sha256, embeddings.vectors, verdicts):
                     row = {"path": p, "sha256": sha, "model_fingerprint": embeddings.model_fingerprint, "vector": vec.tolist()}
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps(row | ({"verdict": verdict} if verdict is not None else {})) + "\n")
     return path
 
 
@@ -92,6 +99,7 @@ def _read_npz(path: Path) -> Embeddings:
             data["sha256"].tolist(),
             str(data["model_fingerprint"]),
             str(data["model_name"]) if "model_name" in data else "",
+            [json.loads(v) for v in data["verdicts"].tolist()] if "verdicts" in data else None,
         )
 
 
@@ -101,4 +109,8 @@ def _read_jsonl(path: Path) -> Embeddings:
     if len(fingerprints) > 1:
         raise EmbeddingFileError(f"{path}: rows from {len(fingerprints)} different models")
     vectors = np.array([r["vector"] for r in rows], dtype=np.float32)
-    return Embeddings(vectors, [r["path"] for r in rows], [r["sha256"] for r in rows], fingerprints.pop() if rows else "")
+    verdicts = [r.get("verdict") for r in rows]
+    return Embeddings(
+        vectors, [r["path"] for r in rows], [r["sha256"] for r in rows], fingerprints.pop() if rows else "",
+        verdicts=verdicts if any(v is not None for v in verdicts) else None,
+    )  # fmt: skip

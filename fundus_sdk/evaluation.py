@@ -35,19 +35,19 @@ def evaluate_index(
     if gallery.size == 0:
         raise CaseIndexError(f"{index.path} holds no graded cases")
     ranked, grades = [], []
-    for positions, vecs, digests, errors in index.model.iter_embed([q.path for q in queries], batch_size=batch_size):
-        for err in errors:
+    for batch in index.model.iter_embed([q.path for q in queries], batch_size=batch_size, check=False):
+        for err in batch.errors:
             failed(err)
         # one search per batch, so the grade filter is computed once per batch
-        batch_hits = index.search(vecs, k=k + 1, where=GRADED) if len(positions) else []
-        for pos, found, sha in zip(positions, batch_hits, digests):
+        batch_hits = index.search(batch.vectors, k=k + 1, where=GRADED) if len(batch.positions) else []
+        for pos, found, sha in zip(batch.positions, batch_hits, batch.sha256):
             hits = [h for h in found if h.sha256 != sha][:k]
             grade = queries[pos].grade
             # a gallery smaller than k: the missing ranks get a grade the whole scale away (no hit, zero gain)
             ranked.append([h.grade for h in hits] + [grade + GRADES[-1]] * (k - len(hits)))
             grades.append(grade)
         if progress is not None:
-            progress(len(positions) + len(errors))
+            progress(len(batch.positions) + len(batch.errors))
     if not grades:
         raise ValueError("no query photo could be read")
     return metrics.evaluate(np.array(grades), np.array(ranked), gallery)

@@ -34,8 +34,9 @@ from typing import Any, Union
 import numpy as np
 
 from .atomic import fsync_dir, write_atomically
-from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, error_policy
+from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
 from .filters import COLUMNS, Where, compile_filter
+from .gate import NotFundusError, UngradableWarning, Verdict
 from .inputs import ImageInput, identify
 from .labels import GRADE_RANGE, is_grade
 from .model import Model, as_list, load_model  # imports onnxruntime before usearch, see below
@@ -138,6 +139,7 @@ class Case:
     added: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The case as plain JSON-ready values."""
         return asdict(self)
 
 
@@ -147,7 +149,11 @@ class Hit(Case):
 
     score: float = 0.0
 
+    def __repr__(self) -> str:
+        return f"Hit(key={self.key}, score={self.score:.3f}, grade={self.grade}, path={self.path!r})"
+
     def to_dict(self) -> dict[str, Any]:
+        """The hit as plain JSON-ready values, key and score first."""
         return {"key": self.key, "score": self.score} | {k: v for k, v in asdict(self).items() if k not in ("key", "score")}
 
 
@@ -325,6 +331,13 @@ class Index:
         return cls.open(path, model=m)
 
     @classmethod
+    def open_or_create(cls, path: str | Path, model: Model | str | Path | None = None, **create: Any) -> "Index":
+        """Open the index at `path` for writing, creating it (see `create`) when it does not exist yet."""
+        if (Path(path) / DB_NAME).is_file():
+            return cls.open(path, model=model)
+        return cls.create(path, model=model, **create)
+
+    @classmethod
     def open(cls, path: str | Path, read_only: bool = False, model: Model | str | Path | None = None) -> "Index":
         """Open an existing index. Read-only opening memory-maps the vectors (fast for big indexes).
 
@@ -343,7 +356,12 @@ class Index:
         return cls(path, conn, read_only=read_only, model=m)
 
     def close(self) -> None:
+        """Close the index (its database connection); `with Index.open(...)` does it for you."""
         self._conn.close()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else "read-write"
+        return f"<Index {str(self.path)!r}: {len(self)} cases, {self._info.get('model_name')}, {mode}>"
 
     def __enter__(self) -> "Index":
         return self
@@ -355,14 +373,17 @@ class Index:
 
     @property
     def model_fingerprint(self) -> str:
+        """Fingerprint of the model whose vectors the index holds."""
         return self._info["model_fingerprint"]
 
     @property
     def dim(self) -> int:
+        """Dimension of the stored vectors."""
         return int(self._info["dim"])
 
     @property
     def generation(self) -> int:
+        """How many changes have been committed (names the current vector file)."""
         return int(self._info["generation"])
 
     def __len__(self) -> int:
@@ -675,6 +696,7 @@ class Index:
         commit_every: int | None = None,
         commit_seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
+        check: bool = True,
     ) -> list[int | None]:
         """Add images (or vectors from this index's model) with per-case metadata; return keys.
 
@@ -689,6 +711,9 @@ class Index:
         reported and their key is None. The whole call is one atomic change unless
         `commit_every` (inputs) or `commit_seconds` is given: then each step is committed, and an
         interruption keeps every finished step. `progress(n)` after each batch, n inputs handled.
+        With `check` (the default) each image passes the model's input gate: one that is not a
+        colour fundus photograph is a NotFundusError (an ImageError, handled by `on_error`), and
+        the gate's gradability score is stored as the case's "gradability" field.
         """
         if self.read_only:
             raise CaseIndexError(f"{self.path}: opened read-only")
@@ -760,17 +785,22 @@ class Index:
             todo.append(decodable)
             todo_pos.append(pos)
             todo_sha.append(sha)
-        for positions, vectors, _, errors in self.model.iter_embed(todo, batch_size=batch_size):
-            for err in errors:
+        for batch in self.model.iter_embed(todo, batch_size=batch_size, check=check):
+            for err in batch.errors:
                 failed(err)  # raises under on_error="raise", before this step is committed
-            for i, vec in zip(positions, vectors):
+            for i, vec, verdict in zip(batch.positions, batch.vectors, batch.verdicts):
                 pos = todo_pos[i]
                 item = inputs[pos]
                 grade, extra = meta[pos]
+                if verdict is not None:
+                    if not verdict.fundus:
+                        failed(NotFundusError(item, verdict))
+                        continue
+                    extra = {**extra, "gradability": verdict.gradability}
                 path = paths[pos] if paths else (self._stored_path(item) if isinstance(item, (str, Path)) else None)
                 pending.append((pos, path, todo_sha[i], grade, json.dumps(extra, default=str), vec))
             if progress is not None:
-                progress(len(positions) + len(errors))
+                progress(len(batch.positions) + len(batch.errors))
             if due():
                 commit()
         commit()
@@ -898,6 +928,7 @@ class Index:
         k: int = 10,
         where: Where | None = None,
         exclude: Where | None = None,
+        check: bool = True,
     ) -> list[Hit] | list[list[Hit]]:
         """The k most similar cases (cosine similarity) for one query, or a list per query.
 
@@ -905,7 +936,10 @@ class Index:
         images, or unit vectors from this index's model (1-D: one query; 2-D: several).
         `where` keeps only cases matching it and `exclude` drops those matching it (see
         fundus_sdk.filters), e.g. where={"grade": [2, 3]}, exclude={"patient": 10310}; k hits
-        are still returned when k such cases exist.
+        are still returned when k such cases exist. With `check` (the default) an image query
+        passes the model's input gate first: one that is not a colour fundus photograph raises
+        NotFundusError (its neighbours would mean nothing), an ungradable one warns
+        (UngradableWarning).
         """
         self.refresh()
         allowed = self._filter_keys(where, exclude) if (where or exclude) else None
@@ -914,9 +948,28 @@ class Index:
             single = np.asarray(query).ndim == 1
         else:
             single = not isinstance(query, (list, tuple)) and not (isinstance(query, np.ndarray) and query.ndim == 4)
-            vecs = self.model.embed(query)
+            vecs, _ = self.embed_queries(as_list(query), check)
         results = [self._search_one(v, k, allowed) for v in vecs]
         return results[0] if single else results
+
+    def embed_queries(self, queries: list[ImageInput], check: bool = True) -> tuple[np.ndarray, list[Verdict | None]]:
+        """The vectors `search` uses for image queries, with the input gate's verdicts.
+
+        With `check`, a query that is not a colour fundus photograph raises NotFundusError and
+        an ungradable one warns (UngradableWarning); an unreadable one raises its ImageError.
+        """
+        vecs = np.zeros((len(queries), self.dim), np.float32)
+        verdicts: list[Verdict | None] = [None] * len(queries)
+        for batch in self.model.iter_embed(queries, check=check):
+            for err in batch.errors:
+                raise err
+            for i, vec, verdict in zip(batch.positions, batch.vectors, batch.verdicts):
+                if verdict is not None and not verdict.fundus:
+                    raise NotFundusError(queries[i], verdict)
+                if verdict is not None and not verdict.gradable:
+                    warnings.warn(f"{describe(queries[i])}: {verdict.summary()}", UngradableWarning, stacklevel=3)
+                vecs[i], verdicts[i] = vec, verdict
+        return vecs, verdicts
 
     def _filter_keys(self, where: Where | None, exclude: Where | None) -> np.ndarray:
         condition, params = compile_filter(where, exclude, self.fields())
@@ -1009,15 +1062,15 @@ def rebuild(
         (todo if sha == case.sha256 else changed).append(case)
     with Index.create(new, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
         rows, keep = [], []
-        for positions, vectors, _, errors in m.iter_embed([c.path for c in todo], batch_size=batch_size):
-            for err in errors:
+        for batch in m.iter_embed([c.path for c in todo], batch_size=batch_size, check=False):
+            for err in batch.errors:
                 unreadable.append((next(c for c in todo if c.path == err.source), err.reason))
-            for i, vec in zip(positions, vectors):
+            for i, vec in zip(batch.positions, batch.vectors):
                 c = todo[i]
                 rows.append((i, dst._stored_path(c.path), c.sha256, c.grade, json.dumps(c.metadata, default=str), vec))
                 keep.append((c.key, c.added))
             if progress is not None:
-                progress(len(positions) + len(errors))
+                progress(len(batch.positions) + len(batch.errors))
         dst._commit(lambda cur, vectors: dst._insert(cur, vectors, rows, keep))
         dst._conn.executemany(
             "INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, ?, ?, ?)",
@@ -1033,9 +1086,10 @@ def search(
     k: int = 10,
     where: Where | None = None,
     exclude: Where | None = None,
+    check: bool = True,
 ) -> list[Hit] | list[list[Hit]]:
     """Nearest cases for one query (a list of Hits) or several (a list of lists); see Index.search."""
     if isinstance(index, Index):
-        return index.search(query, k=k, where=where, exclude=exclude)
+        return index.search(query, k=k, where=where, exclude=exclude, check=check)
     with Index.open(index, read_only=True) as ix:
-        return ix.search(query, k=k, where=where, exclude=exclude)
+        return ix.search(query, k=k, where=where, exclude=exclude, check=check)

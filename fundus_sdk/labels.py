@@ -50,6 +50,7 @@ class Label:
 
     @property
     def where(self) -> str:
+        """Where the row is, for messages: file, row number and image."""
         return f"{self.source}, row {self.line} ({self.image!r})"
 
     def metadata(self) -> dict[str, Any]:

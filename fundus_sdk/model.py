@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -16,10 +16,12 @@ import onnxruntime as ort
 
 from . import contract
 from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
+from .gate import CALIBRATION_KEY, Gate, Verdict
 from .inputs import ImageInput
-from .preprocess import Preprocess
+from .preprocess import Prepared, Preprocess
 
 DEFAULT_MODEL = "default.onnx"
+MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
 
 
 def default_model_path() -> Path:
@@ -67,6 +69,7 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, providers: Sequence[str] | str | None = None) -> "Model":
+        """Load a model file without the cache of `load_model` (ModelError: not a usable model)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
@@ -97,8 +100,12 @@ class Model:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
         return cls(path, session, meta, preprocess)
 
+    def __repr__(self) -> str:
+        return f"<Model {self.name}: dim {self.dim}, input {self.preprocess.size} px, {', '.join(self.providers)}>"
+
     @property
     def dim(self) -> int:
+        """Length of the descriptors."""
         return int(self.metadata[contract.DIM])
 
     @property
@@ -108,10 +115,12 @@ class Model:
 
     @property
     def name(self) -> str:
+        """Name and version, e.g. "fundus-lite0-mirror 0.2.0"."""
         return f"{self.metadata[contract.NAME]} {self.metadata[contract.VERSION]}"
 
     @property
     def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers the session runs on."""
         return self.session.get_providers()
 
     def metrics(self) -> dict:
@@ -122,17 +131,25 @@ class Model:
         """Descriptors for a preprocessed uint8 (n, size, size, 3) batch."""
         return self.session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
 
+    @cached_property
+    def gate(self) -> Gate | None:
+        """The input gate calibrated for this model (None: the model file carries none)."""
+        text = self.metadata.get(CALIBRATION_KEY)
+        return Gate.from_json(text) if text else None
+
     def iter_embed(
-        self, images: Iterable[ImageInput], *, batch_size: int = 16, workers: int = 2
-    ) -> Iterator[tuple[list[int], np.ndarray, list[str | None], list[ImageError]]]:
-        """Embed in batches: yields (input positions, vectors, sha256 of each input, errors).
+        self, images: Iterable[ImageInput], *, batch_size: int = 16, workers: int = 2, check: bool = True
+    ) -> Iterator[Batch]:
+        """Embed in batches, each a `Batch` of vectors, identities, gate verdicts and errors.
 
         Decoding and preprocessing run in `workers` threads while the model runs, at most a few
-        batches ahead. Images that fail yield an ImageError instead of a vector.
+        batches ahead. Images that fail yield an ImageError instead of a vector. With `check`
+        (and a calibrated model) each vector comes with the input gate's Verdict, else None.
         """
         items = list(images)
+        gate = self.gate if check else None
 
-        def prepare(item: ImageInput) -> tuple[np.ndarray, str] | ImageError:
+        def prepare(item: ImageInput) -> tuple[Prepared, str] | ImageError:
             try:
                 return self.preprocess.load(item)
             except ImageError as exc:
@@ -145,13 +162,19 @@ class Model:
                 for b in range(0, len(prepared), batch_size):
                     chunk = prepared[b : b + batch_size]
                     ok = [(start + b + i, r) for i, r in enumerate(chunk) if not isinstance(r, ImageError)]
-                    errors = [r for r in chunk if isinstance(r, ImageError)]
                     vectors = (
-                        self.run(np.stack([r[0] for _, r in ok]))
+                        self.run(np.stack([r[0].pixels for _, r in ok]))
                         if ok
                         else np.zeros((0, self.dim), np.float32)
                     )
-                    yield [i for i, _ in ok], vectors, [r[1] for _, r in ok], errors
+                    verdicts = [
+                        gate.judge(v, r[0].signals, self.preprocess.size // 2) if gate else None
+                        for v, (_, r) in zip(vectors, ok)
+                    ]
+                    yield Batch(
+                        [i for i, _ in ok], vectors, [r[1] for _, r in ok], verdicts,
+                        [r for r in chunk if isinstance(r, ImageError)],
+                    )  # fmt: skip
 
     def embed(
         self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16, on_error: OnError = "raise"
@@ -159,16 +182,48 @@ class Model:
         """float32 (n, dim) unit-norm descriptors, one row per input, in input order.
 
         on_error: "raise" (default) raises the first ImageError; "skip" leaves that row NaN and
-        warns; a callable receives each ImageError and the row stays NaN.
+        warns; a callable receives each ImageError and the row stays NaN. The input gate is not
+        applied: see `check`.
         """
         failed = error_policy(on_error)
         items = as_list(images)
         out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
-        for positions, vectors, _, errors in self.iter_embed(items, batch_size=batch_size):
-            for err in errors:
+        for batch in self.iter_embed(items, batch_size=batch_size, check=False):
+            for err in batch.errors:
                 failed(err)
-            out[positions] = vectors
+            out[batch.positions] = batch.vectors
         return out
+
+    def check(
+        self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16, on_error: OnError = "raise"
+    ) -> list[Verdict | None]:
+        """The input gate's verdict on each input (is it a gradable colour fundus photograph?).
+
+        One entry per input, in order; None for an input that failed to decode (with
+        on_error="skip" or a callable). ModelError if this model carries no gate calibration.
+        """
+        if self.gate is None:
+            raise ModelError(f"{self.path}: this model carries no input-gate calibration (python -m export gate)")
+        failed = error_policy(on_error)
+        items = as_list(images)
+        out: list[Verdict | None] = [None] * len(items)
+        for batch in self.iter_embed(items, batch_size=batch_size):
+            for err in batch.errors:
+                failed(err)
+            for i, verdict in zip(batch.positions, batch.verdicts):
+                out[i] = verdict
+        return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch from `Model.iter_embed`: what was embedded, and what failed."""
+
+    positions: list[int]  # where each vector's input was in the inputs given
+    vectors: np.ndarray  # float32 (len(positions), dim), unit rows
+    sha256: list[str]  # the identity of each embedded input (fundus_sdk.inputs)
+    verdicts: list[Verdict | None]  # the input gate's, per vector (None: not checked)
+    errors: list[ImageError]  # the inputs of this batch that failed
 
 
 def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageError
+from .gate import Signals, measure
 from .inputs import Decoded, ImageInput, decode
 
 
@@ -68,6 +69,7 @@ class Prepared:
     pixels: np.ndarray  # uint8 (size, size, 3)
     box: Box  # the field of view's crop box (left, top, right, bottom) in the decoded photo
     decoded_size: tuple[int, int]  # (width, height) of the decoded photo (JPEGs: at draft scale)
+    signals: Signals  # what the input gate needs to know of the photo (fundus_sdk.gate)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Preprocess:
 
     @property
     def steps(self) -> Recipe:
+        """What this preprocessing's recipe does."""
         return RECIPES[self.recipe]
 
     def __call__(self, image: ImageInput) -> np.ndarray:
@@ -95,34 +98,37 @@ class Preprocess:
         """Decode an input at the resolution this preprocessing needs (see fundus_sdk.inputs)."""
         return decode(image, draft_size=2 * self.size)
 
-    def load(self, image: ImageInput) -> tuple[np.ndarray, str]:
-        """The preprocessed array and the input's sha256 (see fundus_sdk.inputs.Decoded)."""
+    def load(self, image: ImageInput) -> tuple[Prepared, str]:
+        """The preprocessed photo and the input's sha256 (see fundus_sdk.inputs.Decoded)."""
         decoded = self.decode(image)
-        return self.prepare(decoded).pixels, decoded.sha256
+        return self.prepare(decoded), decoded.sha256
 
     def prepare(self, decoded: Decoded) -> Prepared:
         """Crop, resize and normalise a decoded input; ImageError if the maths fails on it."""
         try:
             box = fov_box(decoded.image)
-            return Prepared(self._process(decoded.image, box), box, decoded.image.size)
+            pixels, signals = self._process(decoded.image, box)
+            return Prepared(pixels, box, decoded.image.size, signals)
         except Exception as exc:  # a PIL/numpy failure deep in a malformed image
             raise ImageError(decoded.name, f"cannot process image ({exc})") from exc
 
     def from_pil(self, pil: Image.Image) -> np.ndarray:
         """Crop, resize and normalise an already decoded RGB image."""
-        return self._process(pil, fov_box(pil))
+        return self._process(pil, fov_box(pil))[0]
 
-    def _process(self, pil: Image.Image, box: Box) -> np.ndarray:
+    def _process(self, pil: Image.Image, box: Box) -> tuple[np.ndarray, Signals]:
         fov = pil if box == (0, 0, *pil.size) else pil.crop(box)
         if self.detail_size and max(fov.size) > self.detail_size:
             fov = fov.resize((self.detail_size, self.detail_size), Image.BICUBIC)
         square = np.asarray(fov.resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8)
         mask = fov_mask(square, fill=self.steps.fill_fov)
+        signals = measure(square, mask, box)
         if self.steps.equalise:
             square = equalise_channels(square, mask)
-        return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask)
+        return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask), signals
 
     def to_metadata(self) -> dict[str, str]:
+        """The parameters as model metadata entries (`preprocess.*`)."""
         return {
             "preprocess.recipe": self.steps.name,
             "preprocess.size": str(self.size),
@@ -133,6 +139,7 @@ class Preprocess:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "Preprocess":
+        """The preprocessing a model's metadata records; ValueError for an unknown recipe."""
         name = meta.get("preprocess.recipe")
         recipe = next((number for number, known in RECIPES.items() if known.name == name), None)
         if recipe is None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import contract, metrics
-from tests.raw_camera import enhanced_like_eyepacs
+from training.camera import enhanced_like_eyepacs
 from tests.shared import RETINA, eyepacs_rows, require_eyepacs
 
 

@@ -1,4 +1,4 @@
-"""Raw-camera stand-ins made from the photos on hand, for tests and benchmarks alike.
+"""Raw-camera stand-ins made from the photos on hand, for the gate calibration, tests and benchmarks.
 
 The EyePACS photos were published enhanced (cropped, squashed to 256 px, each channel
 equalised); clinic cameras give raw photos. These functions go both ways, so that the same

@@ -1,0 +1,231 @@
+"""The input gate: is this a colour fundus photograph, and is it gradable?
+
+A retrieval aid always has neighbours to show; the gate says when they mean nothing. It judges
+each input from signals the embedding computes anyway, for well under 5% of its cost
+(benchmarks/input_gate.py):
+
+- typicality: the Mahalanobis distance of the model's descriptor from the descriptors of its
+  training photos (raw-camera versions of them included). The model was trained on fundus
+  photographs only, so a cat, a document or an X-ray lands far from all of them;
+- colour: the mean saturation inside the field of view (greyscale pictures have none);
+- surround: how much of the crop's corners the field of view covers. A fundus camera frames its
+  disc on black; a picture with no dark surround must be more typical to pass (its limit is
+  taken from the training photos that also fill the frame);
+- gradability: the field of view is large enough (at least half the model's input size), has
+  grey levels to work with (not underexposed), is not washed out (clipped), and is in focus.
+
+Every limit is a quantile of the calibration photos' own values (export/gate.py computes them
+from the training split and stores them in the model file as `gate.calibration`), not a number
+tuned on a picture. A model without a calibration gets a verdict of None.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .errors import ImageError, describe
+
+CALIBRATION_KEY = "gate.calibration"
+FRAME_FILLED = 0.8  # surround above this: the field of view reaches the corners of the crop
+CLIP_LEVEL = 250
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the preprocessing measured of one photo, for the gate."""
+
+    colour: float  # mean (max - min) / max over the channels, inside the field of view
+    surround: float  # fraction of the crop's corners (outside the inscribed disc) inside the field of view
+    focus: float  # mean absolute Laplacian over the standard deviation, inside the field of view
+    range: float  # 99th percentile of the brightest channel inside the field of view (0-255)
+    clipped: float  # fraction of field-of-view pixels at CLIP_LEVEL or above in every channel
+    fov_side: int  # shorter side of the field of view's box, in decoded pixels
+
+
+@lru_cache(maxsize=4)
+def _corners(side: int) -> np.ndarray:
+    """The pixels of a side x side square outside its inscribed disc."""
+    yy, xx = np.mgrid[-1 : 1 : side * 1j, -1 : 1 : side * 1j]
+    return (xx**2 + yy**2) > 1
+
+
+def measure(square: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], work: int = 128) -> Signals:
+    """The gate's signals of a photo from its resized field-of-view crop and mask (sampled at ~`work` px)."""
+    step = max(1, square.shape[0] // work)
+    small, inside = square[::step, ::step], mask[::step, ::step]
+    if not inside.any():
+        return Signals(0.0, 0.0, 0.0, 0.0, 0.0, 0)
+    r, g, b = (small[:, :, c] for c in range(3))
+    top = np.maximum(np.maximum(r, g), b)[inside].astype(np.float32)
+    bottom = np.minimum(np.minimum(r, g), b)[inside]
+    grey = small.sum(axis=2, dtype=np.float32) / 3
+    lap = np.abs(4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
+    inner = inside[1:-1, 1:-1]
+    q = int(0.99 * (top.size - 1))
+    return Signals(
+        colour=float((top.mean() - bottom.mean()) / max(1.0, float(top.mean()))),
+        surround=float(inside[_corners(inside.shape[0])].mean()),
+        focus=float(lap[inner].mean() / max(1.0, float(grey[inside].std()))) if inner.any() else 0.0,
+        range=float(np.partition(top, q)[q]),
+        clipped=float(np.mean(bottom >= CLIP_LEVEL)),
+        fov_side=int(min(box[2] - box[0], box[3] - box[1])),
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of one input: scores in [0, 1] (0.5 at the limit) and reasons."""
+
+    fundus: bool
+    fundus_score: float
+    gradable: bool
+    gradability: float
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        """A colour fundus photograph (gradable or not): what an index takes by default."""
+        return self.fundus
+
+    def summary(self) -> str:
+        """One line for people: what it is and why."""
+        what = "fundus photograph" if self.fundus else "not a fundus photograph"
+        if self.fundus and not self.gradable:
+            what += ", ungradable"
+        return what + (f": {'; '.join(self.reasons)}" if self.reasons else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The verdict as plain JSON-ready values."""
+        return {**asdict(self), "reasons": list(self.reasons)}
+
+
+class NotFundusError(ImageError):
+    """The input gate judged an input not to be a colour fundus photograph."""
+
+    def __init__(self, source: object, verdict: Verdict) -> None:
+        self.verdict = verdict
+        super().__init__(describe(source), verdict.summary())
+
+
+class UngradableWarning(UserWarning):
+    """A query is a fundus photograph the gate judged ungradable: its neighbours mean less."""
+
+
+def _score(excess: float, span: float) -> float:
+    """1 at the typical value, 0.5 at the limit, towards 0 beyond it."""
+    return float(0.5 ** (max(0.0, excess) / max(span, 1e-9)))
+
+
+def _pack(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _unpack(s: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f4").astype(np.float64).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A model's calibrated gate: the descriptor distribution and each signal's accepted band."""
+
+    mean: np.ndarray  # (dim,)
+    basis: np.ndarray  # (k, dim) principal directions of the calibration descriptors
+    variances: np.ndarray  # (k,) their variances (shrunk)
+    residual: float  # variance per dimension of everything outside the basis
+    limits: dict[str, float]  # distance, distance_framed, colour, range, clipped, focus
+    typical: dict[str, float]  # the calibration photos' medians of the same
+    photos: int  # how many photos the calibration saw
+
+    def distance(self, vectors: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each descriptor from the calibration photos'."""
+        centred = np.atleast_2d(vectors).astype(np.float64) - self.mean
+        proj = centred @ self.basis.T
+        rest = np.maximum((centred**2).sum(axis=1) - (proj**2).sum(axis=1), 0.0)
+        return np.sqrt((proj**2 / self.variances).sum(axis=1) + rest / self.residual)
+
+    def judge(self, vector: np.ndarray, signals: Signals, min_side: int) -> Verdict:
+        """The verdict on one input from its descriptor and signals; `min_side`: smallest field of view."""
+        lim, typ = self.limits, self.typical
+        d = float(self.distance(vector)[0])
+        framed = signals.surround > FRAME_FILLED
+        d_limit = lim["distance_framed"] if framed else lim["distance"]
+        reasons, fundus = [], True
+        if signals.colour < lim["colour"]:
+            fundus = False
+            reasons.append(f"no colour (saturation {signals.colour:.2f}; fundus photographs >= {lim['colour']:.2f})")
+        if d > d_limit:
+            fundus = False
+            frame = " and no dark surround" if framed else ""
+            reasons.append(f"unlike the model's fundus photographs{frame} (distance {d:.1f}; limit {d_limit:.1f})")
+        fundus_score = min(
+            _score(d - typ["distance"], d_limit - typ["distance"]),
+            _score(typ["colour"] - signals.colour, typ["colour"] - lim["colour"]),
+        )
+        checks = [  # (shortfall below the limit's side, span from typical to limit, reason)
+            (min_side - signals.fov_side, min_side / 2, f"field of view {signals.fov_side} px across (< {min_side})"),
+            (lim["range"] - signals.range, typ["range"] - lim["range"], f"underexposed (brightest level {signals.range:.0f})"),
+            (signals.clipped - lim["clipped"], max(lim["clipped"] - typ["clipped"], 1e-3),
+             f"overexposed ({signals.clipped:.0%} of the field of view clipped)"),
+            (lim["focus"] - signals.focus, typ["focus"] - lim["focus"], f"out of focus (sharpness {signals.focus:.2f})"),
+        ]  # fmt: skip
+        gradability = 1.0
+        for shortfall, span, reason in checks:
+            gradability = min(gradability, _score(shortfall + span, span))
+            if shortfall > 0:
+                reasons.append(reason)
+        gradable = fundus and not any(shortfall > 0 for shortfall, _, _ in checks)
+        return Verdict(fundus, round(fundus_score, 4), gradable, round(gradability, 4), tuple(reasons))
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "dim": int(self.mean.size), "k": int(self.variances.size), "mean": _pack(self.mean),
+            "basis": _pack(self.basis), "variances": _pack(self.variances), "residual": self.residual,
+            "limits": self.limits, "typical": self.typical, "photos": self.photos,
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> "Gate":
+        d = json.loads(text)
+        dim, k = int(d["dim"]), int(d["k"])
+        return cls(
+            _unpack(d["mean"], (dim,)), _unpack(d["basis"], (k, dim)), _unpack(d["variances"], (k,)),
+            float(d["residual"]), dict(d["limits"]), dict(d["typical"]), int(d["photos"]),
+        )  # fmt: skip
+
+
+def calibrate(vectors: np.ndarray, signals: list[Signals], *, k: int = 64, shrink: float = 0.1, q: float = 0.001) -> Gate:
+    """A gate fitted to fundus photographs' descriptors and signals (every other row held out).
+
+    The distribution is fitted on even rows, and each limit is the `q` (or 1 - q) quantile of
+    the odd rows' values, widened by a margin for the bands, so a photo like the calibration
+    photos is refused about `q` of the time per signal.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    fit, held = vectors[0::2], vectors[1::2]
+    mean = fit.mean(axis=0)
+    cov = np.cov((fit - mean).T)
+    cov = (1 - shrink) * cov + shrink * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    values, vecs = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    residual = float(values[order[k:]].mean())
+    gate = Gate(mean, vecs[:, order[:k]].T, values[order[:k]], residual, {}, {}, len(vectors))
+    d_held = gate.distance(held)
+    framed = np.array([s.surround > FRAME_FILLED for s in signals[1::2]])
+    d_framed = d_held[framed] if framed.sum() >= 20 else d_held
+    sig = {name: np.array([getattr(s, name) for s in signals]) for name in ("colour", "range", "clipped", "focus")}
+    limits = {
+        "distance": float(np.quantile(d_held, 1 - q)),
+        "distance_framed": float(min(np.quantile(d_framed, 1 - q), np.quantile(d_held, 1 - q))),
+        "colour": float(0.6 * np.quantile(sig["colour"], q)),
+        "range": float(0.6 * np.quantile(sig["range"], q)),
+        "clipped": float(min(1.0, 2 * np.quantile(sig["clipped"], 1 - q) + 0.02)),
+        "focus": float(0.6 * np.quantile(sig["focus"], q)),
+    }
+    typical = {"distance": float(np.median(d_held)), **{n: float(np.median(v)) for n, v in sig.items()}}
+    return Gate(gate.mean, gate.basis, gate.variances, residual, limits, typical, len(vectors))

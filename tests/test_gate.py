@@ -1,0 +1,126 @@
+"""The input gate: fundus photographs pass, other pictures are refused with a reason, everywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image, ImageFilter
+
+import fundus_sdk
+from fundus_sdk.cli import main
+from fundus_sdk.errors import Exit
+from fundus_sdk.gate import Gate, NotFundusError, UngradableWarning
+from tests.non_fundus import non_fundus_set
+from tests.shared import FIXTURES, RETINA, eyepacs_sample
+from training.camera import simulated_raw
+
+CAT = FIXTURES / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = fundus_sdk.load_model()
+    assert m.gate is not None, "the bundled model must carry a gate calibration (python -m export.gate)"
+    return m
+
+
+def test_fundus_photos_pass_and_other_pictures_are_refused(model, eyepacs_dir):
+    photos = [p for p, _ in eyepacs_sample(40)]
+    rng = np.random.default_rng(0)
+    raw = [simulated_raw(Image.open(p), rng) for p in photos[:10]]
+    accepted = model.check([*photos, *raw, RETINA])
+    assert all(v.fundus for v in accepted), [v.summary() for v in accepted if not v.fundus]
+    others = non_fundus_set()
+    refused = [name for name, v in zip(others, model.check(list(others.values()))) if not v.fundus]
+    assert len(refused) >= 0.95 * len(others), sorted(set(others) - set(refused))
+
+
+def test_each_refusal_says_why(model):
+    grey = Image.open(RETINA).convert("L").convert("RGB")
+    cat, flat = model.check([grey, CAT])[0], model.check(Image.new("RGB", (300, 300), (200, 90, 30)))[0]
+    assert not cat.fundus and "no colour" in cat.summary()
+    assert not model.check(CAT)[0].fundus
+    assert not flat.fundus and flat.fundus_score < 0.5
+    assert model.check(RETINA)[0].fundus_score > 0.5
+
+
+def test_gradability_flags_blur_and_underexposure(model):
+    photo = Image.open(RETINA).convert("RGB").resize((512, 512))
+    sharp, blurred, dark = model.check([
+        photo, photo.filter(ImageFilter.GaussianBlur(8)), Image.fromarray((np.asarray(photo) * 0.12).astype(np.uint8)),
+    ])  # fmt: skip
+    assert sharp.gradable and sharp.gradability > 0.5
+    assert not blurred.gradable and any("focus" in r for r in blurred.reasons), blurred
+    assert not dark.gradable and any("underexposed" in r for r in dark.reasons), dark
+    assert blurred.gradability < 0.5 and dark.gradability < 0.5
+
+
+def test_calibration_survives_the_trip_through_the_model_file(model):
+    gate = Gate.from_json(model.gate.to_json())
+    vectors = model.embed([RETINA, CAT])
+    assert np.allclose(gate.distance(vectors), model.gate.distance(vectors), rtol=1e-5)
+    assert gate.limits == model.gate.limits
+
+
+def test_index_refuses_a_cat_names_it_and_stores_gradability(tmp_path, model):
+    with fundus_sdk.Index.create(tmp_path / "ix", model=model) as ix:
+        with pytest.raises(NotFundusError, match="chelsea.jpg: not a fundus photograph"):
+            ix.add([RETINA, CAT], [{"grade": 0}, {"grade": 1}])
+        assert len(ix) == 0  # one atomic change: nothing half-added
+        refused = []
+        keys = ix.add([RETINA, CAT], [{"grade": 0}, {"grade": 1}], on_error=refused.append)
+        assert keys[1] is None and [e.source for e in refused] == [str(CAT)]
+        case = ix.get(keys[0])
+        assert 0.5 < case.metadata["gradability"] <= 1.0
+        forced = ix.add([CAT], check=False)
+        assert forced[0] is not None and "gradability" not in ix.get(forced[0]).metadata
+
+
+def test_search_refuses_a_non_fundus_query_and_warns_on_an_ungradable_one(tmp_path, model):
+    with fundus_sdk.Index.create(tmp_path / "ix", model=model) as ix:
+        ix.add([RETINA], [{"grade": 0}])
+        with pytest.raises(NotFundusError, match="not a fundus photograph"):
+            ix.search(CAT)
+        assert ix.search(CAT, check=False)  # the caller asked for it
+        blurred = Image.open(RETINA).convert("RGB").resize((512, 512)).filter(ImageFilter.GaussianBlur(8))
+        with pytest.warns(UngradableWarning, match="out of focus"):
+            assert ix.search(blurred, k=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert ix.search(RETINA, k=1)[0].score > 0.99
+
+
+def test_cli_names_rejected_files_and_carries_verdicts(tmp_path, model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(RETINA, photos / "retina.jpg")
+    shutil.copy(CAT, photos / "cat.jpg")
+    runner = CliRunner()
+    out = tmp_path / "e.jsonl"
+    result = runner.invoke(main, ["embed", str(photos), "-o", str(out), "-q"])
+    assert result.exit_code == Exit.PARTIAL, result.output
+    assert "cat.jpg: not a fundus photograph" in result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"].endswith("retina.jpg") for r in rows] == [True]
+    assert rows[0]["verdict"]["fundus"] and 0 < rows[0]["verdict"]["gradability"] <= 1
+    result = runner.invoke(main, ["embed", str(photos), "-o", str(out), "-q", "--no-check"])
+    assert result.exit_code == Exit.OK and len(out.read_text().splitlines()) == 2
+
+    ix = tmp_path / "ix"
+    assert runner.invoke(main, ["index", "create", str(ix)]).exit_code == 0
+    result = runner.invoke(main, ["index", "add", str(ix), str(photos), "-q"])
+    assert result.exit_code == Exit.PARTIAL and "cat.jpg: not a fundus photograph" in result.stderr
+    assert "added 1 cases (1 failed)" in result.output
+    result = runner.invoke(main, ["search", str(photos / "cat.jpg"), str(photos / "retina.jpg"), "--index", str(ix), "--json"])
+    assert result.exit_code == Exit.PARTIAL and "cat.jpg: not a fundus photograph" in result.stderr
+    answer = json.loads(result.stdout)
+    assert [a["query"] for a in answer] == [str(photos / "retina.jpg")] and answer[0]["verdict"]["fundus"]
+    blurred = tmp_path / "blurred.png"
+    Image.open(RETINA).convert("RGB").resize((512, 512)).filter(ImageFilter.GaussianBlur(8)).save(blurred)
+    result = runner.invoke(main, ["search", str(blurred), "--index", str(ix)])
+    assert result.exit_code == Exit.OK and "warning:" in result.stderr and "out of focus" in result.stderr
