@@ -23,6 +23,7 @@ import click
 import numpy as np
 
 from . import __version__, contract, metrics
+from .dicom import Frame, expand_frames
 from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
@@ -76,11 +77,11 @@ def report_failure(err: ImageError) -> None:
     click.echo(f"skipped {err}", err=True)
 
 
-def gather(paths: tuple[str, ...] | list[str], recursive: bool) -> tuple[list[Path], list[ImageError]]:
-    """The image files of PATHS; paths that cannot be opened are named on stderr and left out,
-    and finding nothing at all is fatal (one line)."""
+def gather(paths: tuple[str, ...] | list[str], recursive: bool) -> tuple[list[Path | Frame], list[ImageError]]:
+    """The image files of PATHS (a multi-frame DICOM file as its frames); paths that cannot be
+    opened are named on stderr and left out, and finding nothing at all is fatal (one line)."""
     missing: list[ImageError] = []
-    files = find_images(paths, recursive, on_missing=missing.append)
+    files = expand_frames(find_images(paths, recursive, on_missing=missing.append))
     if not files:
         fatal("; ".join(str(e) for e in missing) if missing else f"no images found in {', '.join(map(str, paths))}")
     for err in missing:
@@ -155,7 +156,7 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet
                     failures += 1
                     continue
                 vectors.append(vec)
-                names.append(str(files[pos].resolve()))  # opens from any directory
+                names.append(absolute(files[pos]))  # opens from any directory
                 hashes.append(sha)
                 verdicts.append(verdict.to_dict() if verdict else None)
             advance(len(batch.positions) + len(batch.errors))
@@ -211,9 +212,13 @@ def index_create(directory, model_path, dtype) -> None:
 @batch_option
 @model_option
 @check_option
+@click.option("--keep-identifiers", is_flag=True,
+              help="DICOM: store patient names, IDs, birth dates and other identifiers (by default only a pseudonym).")
 @quiet_option
 @handle_errors
-def index_add(directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, no_check, quiet) -> None:
+def index_add(
+    directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, no_check, keep_identifiers, quiet
+) -> None:
     """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
     With --labels, each photo's row is found by its path relative to the folder given (or as
@@ -224,7 +229,9 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
     --update. Pictures the input gate judges not to be colour fundus photographs are named
     and skipped (--no-check adds them); each case keeps the gate's gradability score. Work is
     committed every 20 seconds: an interruption loses at most that, and a re-run completes
-    exactly what is missing.
+    exactly what is missing. DICOM files (recognised by content; a multi-frame file is one case
+    per frame) add their header's eye, UIDs, date, manufacturer and model, and a pseudonym of the
+    patient, never the patient's name or ID unless --keep-identifiers.
 
     \b
     Example:
@@ -262,16 +269,23 @@ def index_add(directory, paths, labels, allow_unlabelled, update, recursive, bat
         failures += len(missing)  # named on stderr by gather
         if files:
             folders = [Path(p) for p in photos if Path(p).is_dir()]
-            keep, meta = label_metadata(files, labels, folders, allow_unlabelled, failed)
+            plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
+            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed)
             with progress(len(keep), "adding", quiet) as advance:
                 ix.add(
                     [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
                     batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance, check=not no_check,
+                    keep_identifiers=keep_identifiers,
                 )  # fmt: skip
         kept = f", {conflicts} conflicting values kept" if conflicts else ""
         click.echo(f"added {len(ix) - before} cases ({failures} failed{kept}); {directory} now holds {len(ix)}")
     if failures or conflicts:
         sys.exit(Exit.PARTIAL)
+
+
+def absolute(item: Path | Frame) -> str:
+    """A gathered input's absolute path (a DICOM frame: with its frame number)."""
+    return str(Frame(item.path.resolve(), item.index, item.count) if isinstance(item, Frame) else item.resolve())
 
 
 def gradability_of(meta: dict | None, verdict: dict | None) -> dict | None:

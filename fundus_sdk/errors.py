@@ -66,7 +66,9 @@ class ProviderError(FundusError):
 
 def describe(source: object) -> str:
     """A short name for an input in messages: the path for files, the type otherwise."""
-    if isinstance(source, (str, Path)):
+    from .dicom import Frame  # a frame of a DICOM file names itself: path and frame number
+
+    if isinstance(source, (str, Path, Frame)):
         return str(source)
     return f"<{type(source).__name__}>"
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import socket
 import sqlite3
@@ -35,6 +37,8 @@ import numpy as np
 
 from .atomic import fsync_dir, write_atomically
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
+from .dicom import Frame, looks_like_dicom
+from .dicom import frames as dicom_frames
 from .filters import COLUMNS, Where, compile_filter
 from .gate import NotFundusError, UngradableWarning, Verdict
 from .inputs import ImageInput, identify
@@ -47,6 +51,7 @@ from usearch.index import Index as _USearch  # noqa: E402
 FORMAT = "1"
 DB_NAME = "cases.sqlite"
 LOCK_NAME = "writer.lock"
+PSEUDONYM_KEY = "pseudonym_key"  # per-index secret of the patient pseudonyms (HMAC of the PatientID)
 RESERVED = ("key", "path", "sha256", "added")  # derived by the index itself: never metadata
 ON_CONFLICT = ("keep", "update")
 
@@ -319,6 +324,7 @@ class Index:
             "dtype": dtype,
             "generation": "0",
             "created": now(),
+            PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
         with conn:
             conn.execute("BEGIN")
@@ -419,7 +425,7 @@ class Index:
             "path": str(self.path),
             "cases": len(self),
             "grades": {("none" if g is None else str(g)): n for g, n in sorted(grades.items(), key=lambda x: (x[0] is None, x[0]))},
-            **{k: v for k, v in self._info.items()},
+            **{k: v for k, v in self._info.items() if k != PSEUDONYM_KEY},  # the secret stays inside
         }
 
     # -- the vector file ---------------------------------------------------------------------
@@ -697,6 +703,7 @@ class Index:
         commit_seconds: float | None = None,
         progress: Callable[[int], None] | None = None,
         check: bool = True,
+        keep_identifiers: bool = False,
     ) -> list[int | None]:
         """Add images (or vectors from this index's model) with per-case metadata; return keys.
 
@@ -714,6 +721,11 @@ class Index:
         With `check` (the default) each image passes the model's input gate: one that is not a
         colour fundus photograph is a NotFundusError (an ImageError, handled by `on_error`), and
         the gate's gradability score is stored as the case's "gradability" field.
+        DICOM inputs add their header's fields (eye, UIDs, acquisition date, manufacturer, model,
+        frame; fundus_sdk.dicom) under the caller's metadata, and a keyed pseudonym of the
+        PatientID as "patient_pseudonym" (the same patient, the same pseudonym, in this index
+        only); names, IDs, dates of birth and other identifiers are stored only with
+        `keep_identifiers`.
         """
         if self.read_only:
             raise CaseIndexError(f"{self.path}: opened read-only")
@@ -788,16 +800,20 @@ class Index:
         for batch in self.model.iter_embed(todo, batch_size=batch_size, check=check):
             for err in batch.errors:
                 failed(err)  # raises under on_error="raise", before this step is committed
-            for i, vec, verdict in zip(batch.positions, batch.vectors, batch.verdicts):
+            for i, vec, verdict, found, who in zip(
+                batch.positions, batch.vectors, batch.verdicts, batch.metadata, batch.identifiers
+            ):
                 pos = todo_pos[i]
                 item = inputs[pos]
                 grade, extra = meta[pos]
+                extra = {**found, **self._patient(who, keep_identifiers), **extra}
                 if verdict is not None:
                     if not verdict.fundus:
                         failed(NotFundusError(item, verdict))
                         continue
                     extra = {**extra, "gradability": verdict.gradability}
-                path = paths[pos] if paths else (self._stored_path(item) if isinstance(item, (str, Path)) else None)
+                source = item.path if isinstance(item, Frame) else item  # a DICOM frame: its file
+                path = paths[pos] if paths else (self._stored_path(source) if isinstance(source, (str, Path)) else None)
                 pending.append((pos, path, todo_sha[i], grade, json.dumps(extra, default=str), vec))
             if progress is not None:
                 progress(len(batch.positions) + len(batch.errors))
@@ -835,6 +851,18 @@ class Index:
                 stacklevel=3,
             )
         return True
+
+    def _patient(self, identifiers: dict[str, str], keep: bool) -> dict[str, Any]:
+        """What a case may say of its patient: a pseudonym of the PatientID, the identifiers only if kept."""
+        out: dict[str, Any] = dict(identifiers) if keep else {}
+        if identifiers.get("PatientID"):
+            if PSEUDONYM_KEY not in self._info:  # an index made before pseudonyms: give it its secret now
+                with self._writer(), self._conn:
+                    self._conn.execute("INSERT OR IGNORE INTO info VALUES (?, ?)", (PSEUDONYM_KEY, secrets.token_hex(32)))
+                self.refresh()
+            secret = bytes.fromhex(self._info[PSEUDONYM_KEY])
+            out["patient_pseudonym"] = hmac.new(secret, identifiers["PatientID"].encode(), hashlib.sha256).hexdigest()[:20]
+        return out
 
     def update(self, ref: CaseRef, values: dict[str, Any]) -> Case:
         """Set metadata fields of one case (named by key, sha256 or path); None removes a field.
@@ -1032,6 +1060,14 @@ class RebuildReport:
     unreadable: list[tuple[Case, str]]
 
 
+def photo_of(case: Case) -> str | Frame:
+    """The input a case's photo is read from: its file, or the frame of a multi-frame DICOM file."""
+    if "frame" in case.metadata and isinstance(case.metadata["frame"], int) and looks_like_dicom(Path(case.path)):
+        frames = dicom_frames(case.path)
+        return frames[case.metadata["frame"] - 1]
+    return case.path
+
+
 def rebuild(
     old: str | Path,
     new: str | Path,
@@ -1055,16 +1091,17 @@ def rebuild(
             missing.append(case)
             continue
         try:
-            sha, _ = identify(case.path)
+            sha, _ = identify(photo_of(case))
         except ImageError as err:
             unreadable.append((case, err.reason))
             continue
         (todo if sha == case.sha256 else changed).append(case)
     with Index.create(new, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
         rows, keep = [], []
-        for batch in m.iter_embed([c.path for c in todo], batch_size=batch_size, check=False):
+        sources = [photo_of(c) for c in todo]
+        for batch in m.iter_embed(sources, batch_size=batch_size, check=False):
             for err in batch.errors:
-                unreadable.append((next(c for c in todo if c.path == err.source), err.reason))
+                unreadable.append((next(c for c, s in zip(todo, sources) if str(s) == err.source), err.reason))
             for i, vec in zip(batch.positions, batch.vectors):
                 c = todo[i]
                 rows.append((i, dst._stored_path(c.path), c.sha256, c.grade, json.dumps(c.metadata, default=str), vec))

@@ -15,16 +15,18 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .dicom import SUFFIXES as DICOM_SUFFIXES
+from .dicom import Frame, decode_dicom, is_dicom, looks_like_dicom
 from .errors import ImageError, describe
 
-ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarray]
+ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarray, Frame]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
@@ -42,8 +44,10 @@ class Decoded:
 
     image: Image.Image
     sha256: str
-    format: str  # "JPEG", "PNG", ... or "array" / "PIL" for in-memory images
+    format: str  # "JPEG", "PNG", "DICOM", ... or "array" / "PIL" for in-memory images
     name: str  # for messages: the path, or the input's type
+    metadata: dict[str, Any] = field(default_factory=dict)  # from a DICOM header (fundus_sdk.dicom)
+    identifiers: dict[str, str] = field(default_factory=dict)  # who the patient is (DICOM): never stored unasked
 
 
 def find_images(
@@ -52,7 +56,8 @@ def find_images(
     """Image files named directly, plus those inside the folders given, in a stable order.
 
     Files named directly are kept whatever their suffix (the user asked for them; the content
-    decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES.
+    decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES or a
+    DICOM suffix, or when they have no suffix and start like a DICOM file (PACS exports).
     A path that cannot be opened (missing, a dangling symbolic link, a link loop) raises
     FileNotFoundError, or, with `on_missing`, is reported to it and left out.
     """
@@ -60,7 +65,7 @@ def find_images(
     for p in map(Path, paths):
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += sorted(f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(f for f in p.glob(pattern) if f.is_file() and _wanted(f))
         elif p.exists():
             found.append(p)
         else:
@@ -70,6 +75,11 @@ def find_images(
             on_missing(ImageError(p, reason))
     seen: set[Path] = set()
     return [f for f in found if not (f in seen or seen.add(f))]
+
+
+def _wanted(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and looks_like_dicom(path))
 
 
 def missing_reason(path: Path) -> str:
@@ -102,11 +112,25 @@ def identify(source: ImageInput) -> tuple[str, ImageInput]:
         return pixel_hash(np.asarray(source)), source
     if isinstance(source, np.ndarray):
         return pixel_hash(source), source
+    if isinstance(source, Frame):
+        decoded = decode(source)
+        return decoded.sha256, decoded
     encoded = read_bytes(source)
     if encoded is None:
-        raise ImageError(describe(source), "expected a file path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array")
-    data, _ = encoded
+        raise ImageError(describe(source), EXPECTED)
+    data, name = encoded
+    if is_dicom(data):  # identified by its pixels, so decoded here (and not again)
+        decoded = _decoded_dicom(data, name, None)
+        return decoded.sha256, decoded
     return hashlib.sha256(data).hexdigest(), (source if isinstance(source, (str, Path)) else data)
+
+
+EXPECTED = "expected a file path, bytes, a binary file object, a PIL image, an HxWx3 uint8 array or a DICOM frame"
+
+
+def _decoded_dicom(data: bytes, name: str, frame: Frame | None) -> Decoded:
+    rgb, meta, identifiers = decode_dicom(data, name, frame)
+    return Decoded(_from_array(rgb, name), pixel_hash(rgb), "DICOM", name, meta, identifiers)
 
 
 def read_bytes(source: ImageInput) -> tuple[bytes, str] | None:
@@ -139,6 +163,11 @@ def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:
 
     Raises ImageError naming the input for anything that is not a readable, sane image.
     """
+    if isinstance(source, Decoded):
+        return source
+    if isinstance(source, Frame):
+        data, _ = read_bytes(source.path)
+        return _decoded_dicom(data, str(source), source)
     name = describe(source)
     if isinstance(source, Image.Image):
         rgb = _to_rgb(ImageOps.exif_transpose(source), name)
@@ -148,8 +177,10 @@ def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:
         return Decoded(rgb, pixel_hash(np.asarray(source)), "array", name)
     encoded = read_bytes(source)
     if encoded is None:
-        raise ImageError(name, "expected a file path, bytes, a binary file object, a PIL image or an HxWx3 uint8 array")
+        raise ImageError(name, EXPECTED)
     data, name = encoded
+    if is_dicom(data):
+        return _decoded_dicom(data, name, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

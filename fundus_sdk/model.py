@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +18,7 @@ import onnxruntime as ort
 from . import contract
 from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
 from .gate import CALIBRATION_KEY, Gate, Verdict
-from .inputs import ImageInput
+from .inputs import Decoded, ImageInput
 from .preprocess import Prepared, Preprocess
 
 DEFAULT_MODEL = "default.onnx"
@@ -149,7 +150,7 @@ class Model:
         items = list(images)
         gate = self.gate if check else None
 
-        def prepare(item: ImageInput) -> tuple[Prepared, str] | ImageError:
+        def prepare(item: ImageInput) -> tuple[Prepared, Decoded] | ImageError:
             try:
                 return self.preprocess.load(item)
             except ImageError as exc:
@@ -172,8 +173,9 @@ class Model:
                         for v, (_, r) in zip(vectors, ok)
                     ]
                     yield Batch(
-                        [i for i, _ in ok], vectors, [r[1] for _, r in ok], verdicts,
+                        [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok], verdicts,
                         [r for r in chunk if isinstance(r, ImageError)],
+                        [r[1].metadata for _, r in ok], [r[1].identifiers for _, r in ok],
                     )  # fmt: skip
 
     def embed(
@@ -224,6 +226,8 @@ class Batch:
     sha256: list[str]  # the identity of each embedded input (fundus_sdk.inputs)
     verdicts: list[Verdict | None]  # the input gate's, per vector (None: not checked)
     errors: list[ImageError]  # the inputs of this batch that failed
+    metadata: list[dict[str, Any]]  # what each input's header says (DICOM; else empty)
+    identifiers: list[dict[str, str]]  # who each input's patient is (DICOM; else empty): never stored unasked
 
 
 def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -98,10 +98,10 @@ class Preprocess:
         """Decode an input at the resolution this preprocessing needs (see fundus_sdk.inputs)."""
         return decode(image, draft_size=2 * self.size)
 
-    def load(self, image: ImageInput) -> tuple[Prepared, str]:
-        """The preprocessed photo and the input's sha256 (see fundus_sdk.inputs.Decoded)."""
+    def load(self, image: ImageInput) -> tuple[Prepared, Decoded]:
+        """The preprocessed photo and what decoding found (sha256, DICOM header: fundus_sdk.inputs.Decoded)."""
         decoded = self.decode(image)
-        return self.prepare(decoded), decoded.sha256
+        return self.prepare(decoded), decoded
 
     def prepare(self, decoded: Decoded) -> Prepared:
         """Crop, resize and normalise a decoded input; ImageError if the maths fails on it."""

@@ -16,8 +16,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from tests.shared import RETINA
 
-
-
 SKIMAGE_SAMPLES = (
     "astronaut", "brick", "camera", "cell", "chelsea", "chessboard_GRAY", "chessboard_RGB", "clock_motion",
     "coffee", "coins", "color", "grass", "gravel", "horse", "hubble_deep_field", "ihc", "logo", "moon",

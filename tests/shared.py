@@ -51,13 +51,13 @@ def eyepacs_sample(n: int, split: str = "test", per_grade: bool = False) -> list
     return [(EYEPACS / "images" / r["image"], int(r["grade"])) for r in rows]
 
 
-def require(module: str) -> ModuleType:
-    """Import a module that a group of tests needs (torch for training and export): without it
-    they are skipped with the reason in a runtime-only environment, and fail under CI."""
+def require(module: str, extra: str = "train") -> ModuleType:
+    """Import a module that a group of tests needs (torch for training and export, pydicom for
+    DICOM): without it they are skipped with the reason locally, and fail under CI."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        message = f"needs {module} (the train extra: pip install -e '.[train]'): {exc}"
+        message = f"needs {module} (the {extra} extra: pip install -e '.[{extra}]'): {exc}"
         import pytest
 
         if os.environ.get("CI"):

@@ -14,8 +14,8 @@ from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import contract, metrics
-from training.camera import enhanced_like_eyepacs
 from tests.shared import RETINA, eyepacs_rows, require_eyepacs
+from training.camera import enhanced_like_eyepacs
 
 
 @pytest.fixture(scope="module")
