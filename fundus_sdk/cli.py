@@ -24,7 +24,7 @@ import numpy as np
 
 from . import __version__, contract, metrics
 from .dicom import Frame, expand_frames
-from .embeddings import FORMATS, Embeddings, read_embeddings, write_embeddings
+from .embeddings import FORMATS, Embeddings, file_format, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError
 from .evaluation import evaluate_index
 from .filters import FilterError, compile_filter, conditions_to_where
@@ -121,8 +121,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", default="embeddings.npz", show_default=True, type=click.Path(dir_okay=False), help="Where to write the vectors.")
-@click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default=None, help="Output format (default: from the output's suffix, else npz).")
+@click.option("-o", "--output", default="embeddings.npz", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write the vectors: a .npz or .jsonl file, or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default=None,
+              help="Output format, where the name does not say it (stdout: jsonl unless npz is asked for).")
 @recursive_option
 @batch_option
 @model_option
@@ -141,6 +143,7 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet
     Example:
       fundus-sdk embed photos/ -o photos.npz
     """
+    fmt = output_format(output, fmt)
     files, missing = gather(paths, recursive)
     model = load_model(model_path)
     vectors, names, hashes, verdicts, failures = [], [], [], [], len(missing)
@@ -163,12 +166,30 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet
     elapsed = time.perf_counter() - started
     matrix = np.stack(vectors) if vectors else np.zeros((0, model.dim), np.float32)
     checked = verdicts if any(v is not None for v in verdicts) else None
-    write_embeddings(output, Embeddings(matrix, names, hashes, model.fingerprint, model.name, checked), fmt)
+    embeddings = Embeddings(matrix, names, hashes, model.fingerprint, model.name, checked)
+    write_embeddings(click.get_binary_stream("stdout") if output == "-" else output, embeddings, fmt)
     click.echo(
-        f"embedded {len(names)} images, {failures} failed, {len(files) / max(elapsed, 1e-9):.1f} images/s -> {output}"
+        f"embedded {len(names)} images, {failures} failed, {len(files) / max(elapsed, 1e-9):.1f} images/s -> "
+        + ("stdout" if output == "-" else output),
+        err=output == "-",  # stdout carries the vectors
     )
     if failures:
         sys.exit(Exit.PARTIAL)
+
+
+def output_format(output: str, fmt: str | None) -> str:
+    """The format `embed` writes OUTPUT in, checked before any work (a usage error otherwise)."""
+    if output == "-":
+        if fmt == "npz" and sys.stdout.isatty():
+            raise click.BadParameter("npz is binary: redirect stdout to a file or pipe, or use --format jsonl", param_hint="-o")
+        return fmt or "jsonl"
+    try:
+        fmt = file_format(output, fmt)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="-o") from None
+    if Path(output).exists() and not Path(output).is_file():
+        raise click.BadParameter(f"{output} exists and is not a regular file: refusing to replace it", param_hint="-o")
+    return fmt
 
 
 # -- index ---------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Embedding files: the vectors `fundus-sdk embed` writes and `index add` reads back.
 
-Two formats, chosen by the file's suffix:
+Two formats, named by the file's suffix (a name that says neither is refused):
 - `.npz`: arrays `vectors` (n, dim) float32, `paths`, `sha256`, and the model's
   `model_fingerprint` and `model_name`, plus `verdicts` (the input gate's, JSON text per row)
   when the photos were checked;
-- `.jsonl` (or `.json`): one JSON object per line with path, sha256, model_fingerprint, vector
-  and, when checked, verdict.
+- `.jsonl`: one JSON object per line with path, sha256, model_fingerprint, vector and, when
+  checked, verdict.
 Both carry the model's fingerprint, so an index refuses vectors from another model.
 """
 
@@ -15,14 +15,14 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .atomic import write_atomically
 from .errors import FundusError
 
-FORMATS = {".npz": "npz", ".jsonl": "jsonl", ".json": "jsonl"}
+FORMATS = {".npz": "npz", ".jsonl": "jsonl"}
 
 
 class EmbeddingFileError(FundusError):
@@ -45,32 +45,54 @@ class Embeddings:
 
 
 def file_format(path: str | Path, fmt: str | None = None) -> str:
-    """"npz" or "jsonl": `fmt` when given, else from the suffix (npz when it names neither)."""
-    return fmt or FORMATS.get(Path(path).suffix.lower(), "npz")
+    """"npz" or "jsonl": from the suffix, or `fmt` where the name says nothing (stdout: "-").
+
+    ValueError when the suffix names another format than `fmt`, or no format is known.
+    """
+    named = FORMATS.get(Path(path).suffix.lower()) if str(path) != "-" else None
+    if fmt and named and fmt != named:
+        raise ValueError(f"{path}: the name says {named}, the format asked for is {fmt}")
+    if fmt or named:
+        return fmt or named
+    raise ValueError(f"{path}: cannot tell the format from the name: end it in .npz or .jsonl (or give the format)")
 
 
-def write_embeddings(path: str | Path, embeddings: Embeddings, fmt: str | None = None) -> Path:
-    """Write `embeddings` to `path` atomically (a reader never sees half a file)."""
+def _write(f: BinaryIO, embeddings: Embeddings, fmt: str) -> None:
+    if fmt == "npz":
+        np.savez(
+            f,
+            vectors=embeddings.vectors,
+            paths=np.array(embeddings.paths, dtype=str),
+            sha256=np.array(embeddings.sha256, dtype=str),
+            model_fingerprint=np.array(embeddings.model_fingerprint),
+            model_name=np.array(embeddings.model_name),
+            **({} if embeddings.verdicts is None else
+               {"verdicts": np.array([json.dumps(v) for v in embeddings.verdicts], dtype=str)}),
+        )  # fmt: skip
+        return
+    verdicts = embeddings.verdicts or [None] * len(embeddings)
+    for p, sha, vec, verdict in zip(embeddings.paths, embeddings.sha256, embeddings.vectors, verdicts):
+        row = {"path": p, "sha256": sha, "model_fingerprint": embeddings.model_fingerprint, "vector": vec.tolist()}
+        f.write((json.dumps(row | ({"verdict": verdict} if verdict is not None else {})) + "\n").encode())
+
+
+def write_embeddings(path: str | Path | BinaryIO, embeddings: Embeddings, fmt: str | None = None) -> Path | None:
+    """Write `embeddings` to a file (atomically: a reader never sees half a file) or a binary stream.
+
+    A path that exists and is not a regular file (a device, a folder, a pipe) is refused, never
+    replaced. A stream needs `fmt`.
+    """
+    if not isinstance(path, (str, Path)):
+        if fmt not in ("npz", "jsonl"):
+            raise ValueError("writing to a stream needs the format: npz or jsonl")
+        _write(path, embeddings, fmt)
+        return None
     path = Path(path)
-    with write_atomically(path, durable=False) as tmp:
-        if file_format(path, fmt) == "npz":
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    vectors=embeddings.vectors,
-                    paths=np.array(embeddings.paths, dtype=str),
-                    sha256=np.array(embeddings.sha256, dtype=str),
-                    model_fingerprint=np.array(embeddings.model_fingerprint),
-                    model_name=np.array(embeddings.model_name),
-                    **({} if embeddings.verdicts is None else
-                       {"verdicts": np.array([json.dumps(v) for v in embeddings.verdicts], dtype=str)}),
-                )  # fmt: skip
-        else:
-            with open(tmp, "w") as f:
-                verdicts = embeddings.verdicts or [None] * len(embeddings)
-                for p, sha, vec, verdict in zip(embeddings.paths, embeddings.sha256, embeddings.vectors, verdicts):
-                    row = {"path": p, "sha256": sha, "model_fingerprint": embeddings.model_fingerprint, "vector": vec.tolist()}
-                    f.write(json.dumps(row | ({"verdict": verdict} if verdict is not None else {})) + "\n")
+    fmt = file_format(path, fmt)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: exists and is not a regular file (a device, folder or pipe); refusing to replace it")
+    with write_atomically(path, durable=False) as tmp, open(tmp, "wb") as f:
+        _write(f, embeddings, fmt)
     return path
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import pty
@@ -29,7 +30,7 @@ from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import Index, load_model
-from tests.shared import eyepacs_rows, eyepacs_sample, require_eyepacs
+from tests.shared import RETINA, eyepacs_rows, eyepacs_sample, require_eyepacs
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 BAD_FILES = {  # file name -> words its stderr line must contain
@@ -595,3 +596,22 @@ def test_ctrl_c_during_index_add_leaves_a_consistent_index(tmp_path: Path) -> No
     assert again.returncode == EXIT_OK, again.stderr
     assert f"added {len(inputs) - kept} cases" in again.stdout
     assert check_consistent() == len(inputs)
+
+
+def test_embed_to_stdout_and_refused_targets(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(RETINA, photos / "retina.jpg")
+    text = run("embed", str(photos), "-o", "-", "-q")
+    assert text.returncode == EXIT_OK, text.stderr
+    row = json.loads(text.stdout.splitlines()[0])
+    assert row["path"].endswith("retina.jpg") and len(row["vector"]) == 256 and "embedded 1 images" in text.stderr
+    binary = subprocess.run([sys.executable, "-m", "fundus_sdk", "embed", str(photos), "-o", "-", "--format", "npz", "-q"],
+                            capture_output=True, check=True).stdout  # fmt: skip
+    with np.load(io.BytesIO(binary)) as data:
+        assert data["vectors"].shape == (1, 256)
+    os.mkfifo(tmp_path / "pipe.npz")  # like /dev/stdout: never to be replaced by a file
+    for target, words in (("x.csv", "cannot tell the format"), ("pipe.npz", "not a regular file")):
+        refused = run("embed", str(photos), "-o", str(tmp_path / target), "-q")
+        assert refused.returncode == EXIT_USAGE and words in refused.stderr, refused.stderr
+    assert not (tmp_path / "x.csv").exists() and (tmp_path / "pipe.npz").is_fifo()

@@ -16,7 +16,7 @@ def sample(n: int = 3, dim: int = 8) -> Embeddings:
     return Embeddings(v, [f"p{i}.jpg" for i in range(n)], [f"{i:064x}" for i in range(n)], "ab" * 32, "m 1.0")
 
 
-@pytest.mark.parametrize("name", ["e.npz", "e.jsonl", "e.json"])
+@pytest.mark.parametrize("name", ["e.npz", "e.jsonl"])
 def test_round_trip(tmp_path, name):
     written = sample()
     path = write_embeddings(tmp_path / name, written)
@@ -47,3 +47,19 @@ def test_an_npy_named_npz_and_a_folder_named_npz_are_clear_errors(tmp_path):
     (tmp_path / "d.npz").mkdir()
     with pytest.raises(EmbeddingFileError, match="d.npz: not a readable embedding file"):
         read_embeddings(tmp_path / "d.npz")
+
+
+def test_the_name_decides_the_format_or_the_write_is_refused(tmp_path):
+    for name in ("x.csv", "x.json", "x"):
+        with pytest.raises(ValueError, match="cannot tell the format"):
+            write_embeddings(tmp_path / name, sample())
+    with pytest.raises(ValueError, match="the name says npz"):
+        write_embeddings(tmp_path / "x.npz", sample(), fmt="jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_target_that_is_not_a_regular_file_is_never_replaced(tmp_path):
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        write_embeddings(tmp_path / "d.npz", sample())
+    assert (tmp_path / "d.npz").is_dir()
