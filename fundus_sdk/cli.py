@@ -81,7 +81,12 @@ def gather(paths: tuple[str, ...] | list[str], recursive: bool) -> tuple[list[Pa
     """The image files of PATHS (a multi-frame DICOM file as its frames); paths that cannot be
     opened are named on stderr and left out, and finding nothing at all is fatal (one line)."""
     missing: list[ImageError] = []
-    files = expand_frames(find_images(paths, recursive, on_missing=missing.append))
+    skipped: list[tuple[Path, str]] = []
+    files = expand_frames(find_images(paths, recursive, on_missing=missing.append, on_skipped=lambda *s: skipped.append(s)))
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if skipped:
+        click.echo(f"note: {len(skipped)} entries of the folders given are not photos and were skipped (named above)", err=True)
     if not files:
         fatal("; ".join(str(e) for e in missing) if missing else f"no images found in {', '.join(map(str, paths))}")
     for err in missing:

@@ -28,7 +28,6 @@ from .errors import ImageError, describe
 
 ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarray, Frame]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
 MAX_ASPECT = 4.0  # cameras give 1:1 to 16:9; a 20000x100 strip is no fundus photo
 
@@ -36,6 +35,8 @@ MAX_ASPECT = 4.0  # cameras give 1:1 to 16:9; a 20000x100 strip is no fundus pho
 # name). Vector and document formats (EPS, PS, PDF) are never opened: PIL hands them to
 # Ghostscript.
 RASTER_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "JPEG2000", "GIF", "PPM", "TGA", "SGI", "ICO", "DDS")
+# The names a folder's image files may have: every suffix PIL registers for those formats.
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in RASTER_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,10 @@ class Decoded:
 
 
 def find_images(
-    paths: Iterable[str | Path], recursive: bool = False, on_missing: Callable[[ImageError], None] | None = None
+    paths: Iterable[str | Path],
+    recursive: bool = False,
+    on_missing: Callable[[ImageError], None] | None = None,
+    on_skipped: Callable[[Path, str], None] | None = None,
 ) -> list[Path]:
     """Image files named directly, plus those inside the folders given, in a stable order.
 
@@ -59,13 +63,21 @@ def find_images(
     decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES or a
     DICOM suffix, or when they have no suffix and start like a DICOM file (PACS exports).
     A path that cannot be opened (missing, a dangling symbolic link, a link loop) raises
-    FileNotFoundError, or, with `on_missing`, is reported to it and left out.
+    FileNotFoundError, or, with `on_missing`, is reported to it and left out. `on_skipped`
+    hears of every other file left out of a folder, and of sub-folders not searched, with why.
     """
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += sorted(f for f in p.glob(pattern) if f.is_file() and _wanted(f))
+            entries = sorted(p.glob(pattern))
+            found += [f for f in entries if f.is_file() and _wanted(f)]
+            if on_skipped is not None:
+                for f in entries:
+                    if f.is_file() and not _wanted(f):
+                        on_skipped(f, "not an image file (by its name and content)")
+                    elif f.is_dir() and not recursive:
+                        on_skipped(f, "a sub-folder, not searched (add -r to search sub-folders)")
         elif p.exists():
             found.append(p)
         else:

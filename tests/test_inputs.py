@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fundus_sdk import ImageError, Preprocess, decode, embed
-from fundus_sdk.inputs import pixel_hash
+from fundus_sdk.inputs import find_images, pixel_hash
 from tests.shared import FIXTURES, RETINA
 
 
@@ -70,3 +70,18 @@ def test_embed_takes_bytes_and_file_objects(tmp_path):
     data = RETINA.read_bytes()
     vectors = embed([RETINA, data, io.BytesIO(data)])
     assert np.allclose(vectors[0], vectors[1]) and np.allclose(vectors[0], vectors[2])
+
+
+def test_folders_take_every_raster_format_and_name_what_they_skip(tmp_path):
+    photo = Image.open(RETINA).convert("RGB").resize((256, 256))
+    for name in ("a.webp", "b.tif", "c.jp2", "d.png"):
+        photo.save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("grades to follow")
+    (tmp_path / "sub").mkdir()
+    photo.save(tmp_path / "sub" / "e.jpg")
+    skipped = []
+    found = find_images([tmp_path], on_skipped=lambda path, reason: skipped.append((path.name, reason)))
+    assert [p.name for p in found] == ["a.webp", "b.tif", "c.jp2", "d.png"]
+    assert [(n, "-r" in r) for n, r in skipped] == [("notes.txt", False), ("sub", True)]
+    assert [p.name for p in find_images([tmp_path], recursive=True)][-1] == "e.jpg"
+    assert len({decode(p).sha256 for p in found}) == 4
