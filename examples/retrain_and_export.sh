@@ -41,7 +41,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # 2. Export: one self-contained ONNX file with the preprocessing parameters, the weight
 #    fingerprint and the test metrics in its metadata.
 model=$out/mine.onnx
-"$python" -m export "$out/best.pt" -o "$model"
+"$python" -m export "$out/best.pt" -o "$model" --version "${VERSION:-0.1.0-$(date +%Y%m%d)}"
 
 # 3. Use it: every fundus-sdk command takes --model. An index remembers its model, and
 #    refuses vectors from any other.

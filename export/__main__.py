@@ -12,8 +12,8 @@ from .exporter import export_checkpoint
 
 EXAMPLE = """examples:
   python -m export runs/pilot-fine/best.pt -o models/fundus-lite0.onnx --name fundus-mirror-lite0 --version 0.1.0
-  python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-fp16.onnx --fp16
-  python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-int8.onnx --int8 --calib photos/
+  python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-fp16.onnx --fp16 --version 0.1.0
+  python -m export runs/pilot-fine/best.pt -o models/fundus-lite0-int8.onnx --int8 --calib photos/ --version 0.1.0
 
 exit status (as every command line of fundus-sdk): 0 exported and verified, 2 bad arguments,
 3 unreadable checkpoint or failed verification."""
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
         "--verify-images", metavar="DIR", help="photographs for the parity check (default: training data, else EyePACS)"
     )
     p.add_argument("--name", help="model name (default fundus-<backbone>-<mirroring>)")
-    p.add_argument("--version", default="0.1.0", help="model version (default 0.1.0)")
+    p.add_argument("--version", help="model version, e.g. 1.0.0 (required unless the checkpoint records one)")
     p.add_argument(
         "--detail-size",
         type=int,

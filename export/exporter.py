@@ -65,7 +65,7 @@ def export_checkpoint(
     calib_limit: int = 128,
     verify_images: ImageSource | None = None,
     name: str | None = None,
-    version: str = "0.1.0",
+    version: str | None = None,
     detail_size: int | None = None,
 ) -> ExportReport:
     """Export a training checkpoint to `output` at `precision` and verify it against torch.
@@ -84,6 +84,14 @@ def export_checkpoint(
     )[0]
 
 
+def model_version(ckpt: Checkpoint, version: str | None) -> str:
+    """The version to stamp: the one given, else the checkpoint's own; never a made-up default."""
+    version = version or ckpt.state.get("version")
+    if not version:
+        raise ExportError(f"{ckpt.path}: the checkpoint records no model version: give one (--version 1.0.0)")
+    return str(version)
+
+
 def export_variants(
     checkpoint: str | Path,
     outputs: Mapping[str, str | Path],
@@ -92,7 +100,7 @@ def export_variants(
     calib_limit: int = 128,
     verify_images: ImageSource | None = None,
     name: str | None = None,
-    version: str = "0.1.0",
+    version: str | None = None,
     detail_size: int | None = None,
 ) -> list[ExportReport]:
     """Export one checkpoint at several precisions from one torch export, e.g.
@@ -119,6 +127,7 @@ def export_variants(
         module = ckpt.module()
     except CheckpointError as exc:
         raise ExportError(str(exc)) from exc
+    version = model_version(ckpt, version)  # before any work
     preprocess = ckpt.preprocess
     images = load_images(verification_photos(ckpt, verify_images), preprocess)
     reference = torch_embed(module, images)

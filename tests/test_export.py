@@ -257,7 +257,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         export_checkpoint(bad, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     run = subprocess.run(
-        [sys.executable, "-m", "export", str(bad), "-o", str(tmp_path / "m.onnx")],
+        [sys.executable, "-m", "export", str(bad), "-o", str(tmp_path / "m.onnx"), "--version", "1.0.0"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == Exit.FATAL

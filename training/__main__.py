@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from fundus_sdk.errors import Exit
+
+_missing = [m for m in ("torch", "timm") if importlib.util.find_spec(m) is None]
+if _missing:  # say so in one line, before an import deep inside fails with a traceback
+    sys.exit(f"python -m training: needs {' and '.join(_missing)}: from a checkout, pip install -e '.[train]' (README)")
+
 from fundus_sdk.labels import LabelError
 from fundus_sdk.preprocess import RECIPES, Preprocess
 
@@ -62,8 +68,10 @@ def add_schedule(p: argparse.ArgumentParser, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # every --help shows the defaults
     t = sub.add_parser(
         "train",
+        **defaults,
         help="train a retrieval model on a labelled folder or CSV",
         description="Train the mirror-attention model. Example: python -m training train "
         "--data ../shared/data/eyepacs256 --out runs/default",
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=TrainConfig.stop_after, help="stop after N epochs of this invocation (then --resume)")
     a = sub.add_parser(
         "ablate",
+        **defaults,
         help="train and evaluate every ablation variant on one schedule",
         description="Ablations (see training/ablate.py). Example: python -m training ablate "
         "--data ../shared/data/eyepacs256 --out runs/ablations --epochs 4 --seeds 0 1",
@@ -87,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seeds", nargs="+", type=int, default=[0])
     r = sub.add_parser(
         "probe",
+        **defaults,
         help="how well a model's features tell each grade from grade 0 (linear probe)",
         description="Grade probe (see training/probe.py). Example: python -m training probe "
         "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = sub.add_parser(
         "evaluate",
+        **defaults,
         help="retrieval of a checkpoint, by patient split and by the paper's image-level split",
         description="Evaluate (see training/evaluate.py). Example: python -m training evaluate "
         "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
