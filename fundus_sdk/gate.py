@@ -9,8 +9,8 @@ each input from signals the embedding computes anyway, for well under 5% of its 
   photographs only, so a cat, a document or an X-ray lands far from all of them;
 - colour: the mean saturation inside the field of view (greyscale pictures have none);
 - surround: how much of the crop's corners the field of view covers. A fundus camera frames its
-  disc on black; a picture with no dark surround must be more typical to pass (its limit is
-  taken from the training photos that also fill the frame);
+  round field of view on black, so the corners of its bounding box are dark (99.9% of the
+  EyePACS photos leave at least 27% of them dark); a picture that fills the frame does not;
 - gradability: the field of view is large enough (at least half the model's input size), has
   grey levels to work with (not underexposed), is not washed out (clipped), and is in focus.
 
@@ -32,7 +32,6 @@ import numpy as np
 from .errors import ImageError, describe
 
 CALIBRATION_KEY = "gate.calibration"
-FRAME_FILLED = 0.8  # surround above this: the field of view reaches the corners of the crop
 CLIP_LEVEL = 250
 
 
@@ -138,7 +137,7 @@ class Gate:
     basis: np.ndarray  # (k, dim) principal directions of the calibration descriptors
     variances: np.ndarray  # (k,) their variances (shrunk)
     residual: float  # variance per dimension of everything outside the basis
-    limits: dict[str, float]  # distance, distance_framed, colour, range, clipped, focus
+    limits: dict[str, float]  # distance, colour, surround, range, clipped, focus
     typical: dict[str, float]  # the calibration photos' medians of the same
     photos: int  # how many photos the calibration saw
 
@@ -153,20 +152,18 @@ class Gate:
         """The verdict on one input from its descriptor and signals; `min_side`: smallest field of view."""
         lim, typ = self.limits, self.typical
         d = float(self.distance(vector)[0])
-        framed = signals.surround > FRAME_FILLED
-        d_limit = lim["distance_framed"] if framed else lim["distance"]
-        reasons, fundus = [], True
-        if signals.colour < lim["colour"]:
-            fundus = False
-            reasons.append(f"no colour (saturation {signals.colour:.2f}; fundus photographs >= {lim['colour']:.2f})")
-        if d > d_limit:
-            fundus = False
-            frame = " and no dark surround" if framed else ""
-            reasons.append(f"unlike the model's fundus photographs{frame} (distance {d:.1f}; limit {d_limit:.1f})")
-        fundus_score = min(
-            _score(d - typ["distance"], d_limit - typ["distance"]),
-            _score(typ["colour"] - signals.colour, typ["colour"] - lim["colour"]),
-        )
+        tests = [  # (excess over the typical value, span from typical to limit, reason when past the limit)
+            (d - typ["distance"], lim["distance"] - typ["distance"],
+             f"unlike the model's fundus photographs (distance {d:.1f}; limit {lim['distance']:.1f})"),
+            (typ["colour"] - signals.colour, typ["colour"] - lim["colour"],
+             f"no colour (saturation {signals.colour:.2f}; fundus photographs >= {lim['colour']:.2f})"),
+            (signals.surround - typ["surround"], lim["surround"] - typ["surround"],
+             f"no dark surround (the picture fills {signals.surround:.0%} of its corners; fundus photographs "
+             f"<= {lim['surround']:.0%})"),
+        ]  # fmt: skip
+        reasons = [reason for excess, span, reason in tests if excess > span]
+        fundus = not reasons
+        fundus_score = min(_score(excess, span) for excess, span, _ in tests)
         checks = [  # (shortfall below the limit's side, span from typical to limit, reason)
             (min_side - signals.fov_side, min_side / 2, f"field of view {signals.fov_side} px across (< {min_side})"),
             (lim["range"] - signals.range, typ["range"] - lim["range"], f"underexposed (brightest level {signals.range:.0f})"),
@@ -216,13 +213,12 @@ def calibrate(vectors: np.ndarray, signals: list[Signals], *, k: int = 64, shrin
     residual = float(values[order[k:]].mean())
     gate = Gate(mean, vecs[:, order[:k]].T, values[order[:k]], residual, {}, {}, len(vectors))
     d_held = gate.distance(held)
-    framed = np.array([s.surround > FRAME_FILLED for s in signals[1::2]])
-    d_framed = d_held[framed] if framed.sum() >= 20 else d_held
-    sig = {name: np.array([getattr(s, name) for s in signals]) for name in ("colour", "range", "clipped", "focus")}
+    names = ("colour", "surround", "range", "clipped", "focus")
+    sig = {name: np.array([getattr(s, name) for s in signals]) for name in names}
     limits = {
         "distance": float(np.quantile(d_held, 1 - q)),
-        "distance_framed": float(min(np.quantile(d_framed, 1 - q), np.quantile(d_held, 1 - q))),
         "colour": float(0.6 * np.quantile(sig["colour"], q)),
+        "surround": float(np.quantile(sig["surround"], 1 - q)),
         "range": float(0.6 * np.quantile(sig["range"], q)),
         "clipped": float(min(1.0, 2 * np.quantile(sig["clipped"], 1 - q) + 0.02)),
         "focus": float(0.6 * np.quantile(sig["focus"], q)),

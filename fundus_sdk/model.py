@@ -20,6 +20,8 @@ from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
 from .gate import CALIBRATION_KEY, Gate, Verdict
 from .inputs import Decoded, ImageInput
 from .preprocess import Prepared, Preprocess
+from .weights import WeightsError
+from .weights import fingerprint as weights_fingerprint
 
 DEFAULT_MODEL = "default.onnx"
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
@@ -99,6 +101,7 @@ class Model:
             preprocess = Preprocess.from_metadata(meta)
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
+        check_graph(path, session, meta, preprocess)
         return cls(path, session, meta, preprocess)
 
     def __repr__(self) -> str:
@@ -111,7 +114,8 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights: indexes record it and refuse vectors from other models."""
+        """sha256 of the weights (checked against the file at load): indexes record it and refuse
+        vectors from other models."""
         return self.metadata[contract.FINGERPRINT]
 
     @property
@@ -228,6 +232,28 @@ class Batch:
     errors: list[ImageError]  # the inputs of this batch that failed
     metadata: list[dict[str, Any]]  # what each input's header says (DICOM; else empty)
     identifiers: list[dict[str, str]]  # who each input's patient is (DICOM; else empty): never stored unasked
+
+
+def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str], preprocess: Preprocess) -> None:
+    """ModelError unless the metadata tells the truth about the graph: its weights' fingerprint
+    (computed from the file, fundus_sdk.weights), its descriptor dimension and its input size."""
+    try:
+        actual = weights_fingerprint(path, meta)
+    except (WeightsError, OSError) as exc:
+        raise ModelError(f"{path}: cannot read the model's weights to fingerprint them ({exc})") from exc
+    if actual != meta[contract.FINGERPRINT]:
+        raise ModelError(
+            f"{path}: the weights do not match the fingerprint in the metadata ({actual[:12]} vs "
+            f"{meta[contract.FINGERPRINT][:12]}): the file was changed after export, or its metadata copied from another model"
+        )
+    (shape_in,), (shape_out,) = [i.shape for i in session.get_inputs()], [o.shape for o in session.get_outputs()]
+    size, dim = int(meta[contract.INPUT_SIZE]), int(meta[contract.DIM])
+    if shape_out[-1] != dim:
+        raise ModelError(f"{path}: the metadata says dimension {dim}, the graph outputs {shape_out[-1]}")
+    if list(shape_in[1:]) != [size, size, 3] or preprocess.size != size:
+        raise ModelError(
+            f"{path}: the metadata says input {size} px (preprocessing {preprocess.size} px), the graph takes {shape_in[1:]}"
+        )
 
 
 def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

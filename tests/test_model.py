@@ -11,7 +11,7 @@ from PIL import Image
 import fundus_sdk
 from fundus_sdk import contract
 from fundus_sdk.errors import ImageError, ModelError, ProviderError
-from tests.shared import RETINA, eyepacs_sample
+from tests.shared import RETINA, eyepacs_sample, require
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,34 @@ def test_asking_for_cuda_without_the_gpu_build_is_a_clear_error():
         pytest.skip("this environment has the GPU build")
     with pytest.raises(ProviderError, match="onnxruntime-gpu"):
         fundus_sdk.load_model(providers="cuda")
+
+
+def _tampered(tmp_path, change) -> str:
+    onnx = require("onnx")
+    proto = onnx.load(str(fundus_sdk.model.default_model_path()))
+    change(proto, onnx)
+    out = tmp_path / "tampered.onnx"
+    onnx.save_model(proto, str(out))
+    return str(out)
+
+
+def test_weights_changed_under_copied_metadata_are_refused(tmp_path):
+    def nudge(proto, onnx):
+        t = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+        values = onnx.numpy_helper.to_array(t).copy()
+        values.flat[0] += 0.5
+        t.CopyFrom(onnx.numpy_helper.from_array(values, t.name))
+
+    with pytest.raises(ModelError, match="weights do not match the fingerprint"):
+        fundus_sdk.Model.load(_tampered(tmp_path, nudge))
+
+
+@pytest.mark.parametrize("key, value, words", [("model.dim", "128", "dimension 128"), ("input.size", "999", "input 999 px")])
+def test_metadata_that_disagrees_with_the_graph_is_refused(tmp_path, key, value, words):
+    def edit(proto, onnx):
+        meta = {p.key: p.value for p in proto.metadata_props} | {key: value}
+        del proto.metadata_props[:]
+        onnx.helper.set_model_props(proto, meta)
+
+    with pytest.raises(ModelError, match=words):
+        fundus_sdk.Model.load(_tampered(tmp_path, edit))
