@@ -22,6 +22,11 @@ from training.camera import simulated_raw
 CAT = FIXTURES / "chelsea.jpg"
 
 
+def dark_retina() -> Image.Image:
+    """The CC0 photo at 12% of its exposure: still a fundus photograph, with few grey levels left."""
+    return Image.fromarray((np.asarray(Image.open(RETINA).convert("RGB").resize((512, 512))) * 0.12).astype(np.uint8))
+
+
 @pytest.fixture(scope="module")
 def model():
     m = fundus_sdk.load_model()
@@ -51,12 +56,10 @@ def test_each_refusal_says_why(model):
 
 def test_gradability_flags_blur_and_underexposure(model):
     photo = Image.open(RETINA).convert("RGB").resize((512, 512))
-    sharp, blurred, dark = model.check([
-        photo, photo.filter(ImageFilter.GaussianBlur(8)), Image.fromarray((np.asarray(photo) * 0.12).astype(np.uint8)),
-    ])  # fmt: skip
+    sharp, blurred, dark = model.check([photo, photo.filter(ImageFilter.GaussianBlur(8)), dark_retina()])
     assert sharp.gradable and sharp.gradability > 0.5
     assert not blurred.gradable and any("focus" in r for r in blurred.reasons), blurred
-    assert not dark.gradable and any("underexposed" in r for r in dark.reasons), dark
+    assert dark.fundus and not dark.gradable and any("underexposed" in r for r in dark.reasons), dark
     assert blurred.gradability < 0.5 and dark.gradability < 0.5
 
 
@@ -87,9 +90,8 @@ def test_search_refuses_a_non_fundus_query_and_warns_on_an_ungradable_one(tmp_pa
         with pytest.raises(NotFundusError, match="not a fundus photograph"):
             ix.search(CAT)
         assert ix.search(CAT, check=False)  # the caller asked for it
-        blurred = Image.open(RETINA).convert("RGB").resize((512, 512)).filter(ImageFilter.GaussianBlur(8))
-        with pytest.warns(UngradableWarning, match="out of focus"):
-            assert ix.search(blurred, k=1)
+        with pytest.warns(UngradableWarning, match="underexposed"):
+            assert ix.search(dark_retina(), k=1)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert ix.search(RETINA, k=1)[0].score > 0.99
@@ -120,7 +122,7 @@ def test_cli_names_rejected_files_and_carries_verdicts(tmp_path, model):
     assert result.exit_code == Exit.PARTIAL and "cat.jpg: not a fundus photograph" in result.stderr
     answer = json.loads(result.stdout)
     assert [a["query"] for a in answer] == [str(photos / "retina.jpg")] and answer[0]["verdict"]["fundus"]
-    blurred = tmp_path / "blurred.png"
-    Image.open(RETINA).convert("RGB").resize((512, 512)).filter(ImageFilter.GaussianBlur(8)).save(blurred)
-    result = runner.invoke(main, ["search", str(blurred), "--index", str(ix)])
-    assert result.exit_code == Exit.OK and "warning:" in result.stderr and "out of focus" in result.stderr
+    dark = tmp_path / "dark.png"
+    dark_retina().save(dark)
+    result = runner.invoke(main, ["search", str(dark), "--index", str(ix)])
+    assert result.exit_code == Exit.OK and "warning:" in result.stderr and "underexposed" in result.stderr
