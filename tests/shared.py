@@ -63,3 +63,9 @@ def require(module: str, extra: str = "train") -> ModuleType:
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message, allow_module_level=True)
+
+
+def given(metadata: dict) -> dict:
+    """A case's metadata as it was given: without the gradability the input gate measured (in [0, 1])."""
+    assert 0 <= metadata.get("gradability", 0) <= 1
+    return {k: v for k, v in metadata.items() if k != "gradability"}

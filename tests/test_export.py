@@ -105,6 +105,7 @@ def lite0(tmp_path_factory, eyepacs_dir: Path):
         ckpt,
         {"fp32": root / "m.onnx", "int8": root / "m-int8.onnx"},
         calib=split_files(eyepacs_dir, "train", 32),
+        version="0.0.1",
     )  # verified on the checkpoint's training data (../shared/data/eyepacs256)
     return ckpt, fp32, int8
 
@@ -171,7 +172,7 @@ def test_metadata_round_trips_through_onnxruntime(lite0):
 def test_metadata_defaults_and_overrides(tiny, lite0):
     tiny_meta, lite0_meta = tiny[1].metadata, lite0[1].metadata
     assert (tiny_meta[contract.NAME], tiny_meta[contract.VERSION]) == ("tiny", "9.9.9")
-    assert lite0_meta[contract.NAME] == "fundus-tf_efficientnet_lite0-feature"
+    assert (lite0_meta[contract.NAME], lite0_meta[contract.VERSION]) == ("fundus-tf_efficientnet_lite0-feature", "0.0.1")
     assert json.loads(tiny_meta[contract.METRICS]) == {}  # no "test" in that checkpoint
 
 
@@ -208,7 +209,9 @@ def test_shape_check_catches_legacy_exporter_gymnastics(tmp_path):
 def test_cli_exports_fp16_with_float32_io(tiny, tmp_path, photos, capsys):
     ckpt, fp32 = tiny
     out = tmp_path / "tiny16.onnx"
-    assert cli_main([str(ckpt), "-o", str(out), "--fp16", "--verify-images", str(photos[0].parent)]) == 0
+    assert cli_main([str(ckpt), "-o", str(out), "--fp16", "--verify-images", str(photos[0].parent)]) == Exit.FATAL
+    assert not out.exists()  # no version given, none recorded: refused before any work
+    assert cli_main([str(ckpt), "-o", str(out), "--fp16", "--verify-images", str(photos[0].parent), "--version", "1.0.0"]) == 0
     printed = capsys.readouterr().out
     assert "graph nodes by op type" in printed and "model.precision = fp16" in printed and "cosine min" in printed
     model = onnx.load(out)
