@@ -13,7 +13,7 @@ from .embeddings import Embeddings, read_embeddings, write_embeddings
 from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
 from .evaluation import evaluate_index
 from .gate import NotFundusError, UngradableWarning, Verdict
-from .index import Case, Hit, Index, RebuildReport, rebuild, search
+from .index import BatchHits, Case, Hit, Index, RebuildReport, rebuild, search
 from .inputs import Decoded, decode, find_images
 from .labels import GRADES, Label, LabelError, read_labels
 from .model import Model, embed, load_model
@@ -30,6 +30,7 @@ __all__ = [
     "Index",
     "Case",
     "Hit",
+    "BatchHits",
     "rebuild",
     "RebuildReport",
     # the input gate

@@ -39,7 +39,7 @@ def evaluate_index(
         for err in batch.errors:
             failed(err)
         # one search per batch, so the grade filter is computed once per batch
-        batch_hits = index.search(batch.vectors, k=k + 1, where=GRADED) if len(batch.positions) else []
+        batch_hits = index.search_batch(batch.vectors, k=k + 1, where=GRADED) if len(batch.positions) else []
         for pos, found, sha in zip(batch.positions, batch_hits, batch.sha256):
             hits = [h for h in found if h.sha256 != sha][:k]
             grade = queries[pos].grade

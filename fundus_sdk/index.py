@@ -163,6 +163,26 @@ class Hit(Case):
 
 
 @dataclass(frozen=True)
+class BatchHits(Sequence):
+    """The hits of several queries, one list[Hit] per query in query order (`Index.search_batch`)."""
+
+    hits: list[list[Hit]]
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.hits[i]
+
+    def __repr__(self) -> str:
+        return f"BatchHits({len(self.hits)} queries, {sum(map(len, self.hits))} hits)"
+
+    def to_dict(self) -> list[list[dict[str, Any]]]:
+        """The hits as plain JSON-ready values, a list per query."""
+        return [[h.to_dict() for h in hits] for hits in self.hits]
+
+
+@dataclass(frozen=True)
 class Change:
     """One recorded change of a case's stored value (None: absent)."""
 
@@ -952,16 +972,16 @@ class Index:
 
     def search(
         self,
-        query: ImageInput | Sequence[ImageInput] | np.ndarray,
+        query: ImageInput | np.ndarray,
         k: int = 10,
         where: Where | None = None,
         exclude: Where | None = None,
         check: bool = True,
-    ) -> list[Hit] | list[list[Hit]]:
-        """The k most similar cases (cosine similarity) for one query, or a list per query.
+    ) -> list[Hit]:
+        """The k most similar cases (cosine similarity) for one query, best first.
 
-        `query` is an image (path, bytes, file object, PIL image, HxWx3 array), a list of
-        images, or unit vectors from this index's model (1-D: one query; 2-D: several).
+        `query` is one image (path, bytes, file object, PIL image, HxWx3 array, DICOM frame) or
+        one unit vector from this index's model; several queries go to `search_batch`.
         `where` keeps only cases matching it and `exclude` drops those matching it (see
         fundus_sdk.filters), e.g. where={"grade": [2, 3]}, exclude={"patient": 10310}; k hits
         are still returned when k such cases exist. With `check` (the default) an image query
@@ -969,16 +989,30 @@ class Index:
         NotFundusError (its neighbours would mean nothing), an ungradable one warns
         (UngradableWarning).
         """
+        vecs = self._vectors_given(query)
+        several = (vecs is not None and np.asarray(query).ndim == 2) or isinstance(query, (list, tuple)) or (
+            isinstance(query, np.ndarray) and query.ndim == 4
+        )
+        if several:
+            raise TypeError("search() takes one query; use search_batch() for several")
+        return self.search_batch([query] if vecs is None else vecs, k, where, exclude, check)[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[ImageInput] | np.ndarray,
+        k: int = 10,
+        where: Where | None = None,
+        exclude: Where | None = None,
+        check: bool = True,
+    ) -> BatchHits:
+        """The k most similar cases for each of several queries (images, or a 2-D array of
+        vectors), in query order; the filter is computed once for all. See `search`."""
         self.refresh()
         allowed = self._filter_keys(where, exclude) if (where or exclude) else None
-        vecs = self._vectors_given(query)
-        if vecs is not None:
-            single = np.asarray(query).ndim == 1
-        else:
-            single = not isinstance(query, (list, tuple)) and not (isinstance(query, np.ndarray) and query.ndim == 4)
-            vecs, _ = self.embed_queries(as_list(query), check)
-        results = [self._search_one(v, k, allowed) for v in vecs]
-        return results[0] if single else results
+        vecs = self._vectors_given(queries)
+        if vecs is None:
+            vecs, _ = self.embed_queries(as_list(queries), check)
+        return BatchHits([self._search_one(v, k, allowed) for v in np.atleast_2d(vecs)])
 
     def embed_queries(self, queries: list[ImageInput], check: bool = True) -> tuple[np.ndarray, list[Verdict | None]]:
         """The vectors `search` uses for image queries, with the input gate's verdicts.
@@ -1124,8 +1158,8 @@ def search(
     where: Where | None = None,
     exclude: Where | None = None,
     check: bool = True,
-) -> list[Hit] | list[list[Hit]]:
-    """Nearest cases for one query (a list of Hits) or several (a list of lists); see Index.search."""
+) -> list[Hit]:
+    """The nearest cases for one query, best first (an index or its directory); see Index.search."""
     if isinstance(index, Index):
         return index.search(query, k=k, where=where, exclude=exclude, check=check)
     with Index.open(index, read_only=True) as ix:

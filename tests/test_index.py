@@ -77,10 +77,18 @@ def test_read_only_view_gives_the_same_answers_and_refuses_writes(built, cases):
     assert fundus_sdk.search(photo, path, k=8)[0].key == expected[0][0]
 
 
-def test_several_queries_give_a_list_per_query(built, cases):
+def test_one_query_gives_hits_several_go_to_a_batch_call(built, cases):
     path, keys = built
-    results = fundus_sdk.search([cases[0][0], cases[5][0]], path, k=3)
-    assert [r[0].key for r in results] == [keys[0], keys[5]]
+    with fundus_sdk.Index.open(path, read_only=True) as ix:
+        results = ix.search_batch([cases[0][0], cases[5][0]], k=3)
+        assert isinstance(results, fundus_sdk.BatchHits) and len(results) == 2
+        assert [r[0].key for r in results] == [keys[0], keys[5]]
+        vectors = ix.model.embed([cases[0][0], cases[5][0]])
+        assert [r[0].key for r in ix.search_batch(vectors, k=1)] == [keys[0], keys[5]]
+        assert ix.search(vectors[1], k=1)[0].key == keys[5]
+        for several in ([cases[0][0], cases[5][0]], vectors):
+            with pytest.raises(TypeError, match="use search_batch"):
+                ix.search(several)
 
 
 def test_where_filters_on_columns_and_json_fields(built, cases):
