@@ -25,7 +25,7 @@ from fundus_sdk.preprocess import fov_mask
 from fundus_sdk.tables import format_table
 from tests.non_fundus import non_fundus_set
 from tests.shared import RETINA
-from training.camera import enhanced_like_eyepacs, jpeg, simulated_raw
+from training.camera import simulated_raw, versions_of
 
 from .common import EYEPACS_IMAGES, print_header
 
@@ -34,19 +34,7 @@ LABELS = EYEPACS_IMAGES.parent / "labels.csv"
 
 def fixture_versions() -> dict[str, Image.Image]:
     raw = Image.open(RETINA).convert("RGB")
-    return {
-        "retina.jpg": raw,
-        "enhanced like EyePACS": enhanced_like_eyepacs(raw),
-        "resized to 512 px": raw.resize((512, 512), Image.LANCZOS),
-        "upscaled to 3000 px": raw.resize((3000, 3000), Image.BICUBIC),
-        "another camera's cast": Image.fromarray((np.asarray(raw, np.float32) * [1.0, 0.7, 0.5]).astype(np.uint8)),
-        "JPEG quality 60": jpeg(raw, 60),
-        "mirrored": raw.transpose(Image.FLIP_LEFT_RIGHT),
-    }
-
-
-def judge(model: fundus_sdk.Model, images: list) -> list[fundus_sdk.Verdict]:
-    return [v for v in model.check(images, batch_size=16)]
+    return {"retina.jpg": raw, **versions_of(raw)}
 
 
 def cost(model: fundus_sdk.Model, photos: list, repeats: int = 3) -> tuple[float, float]:
@@ -92,15 +80,16 @@ def main() -> None:
         f"simulated raw camera photos ({len(raw)})": (raw, True),
         f"non-fundus pictures ({len(others)})": (list(others.values()), False),
     }
-    rows, wrong = [], {}
+    rows, wrong, verdicts_of = [], {}, {}
     for name, (images, fundus) in sets.items():
-        verdicts = judge(model, images)
+        verdicts = verdicts_of[name] = model.check(images)
         accepted = np.array([v.fundus for v in verdicts])
         gradable = np.array([v.gradable for v in verdicts])
         rate = accepted.mean() if fundus else 1 - accepted.mean()
         target = ">= 99.5% accepted" if fundus else ">= 95% refused"
         ok = rate >= (0.995 if fundus else 0.95)
-        rows.append([name, f"{rate:.1%} {'accepted' if fundus else 'refused'}", target, "met" if ok else "MISSED",
+        count = int(accepted.sum() if fundus else (~accepted).sum())
+        rows.append([name, f"{rate:.1%} {'accepted' if fundus else 'refused'} ({count})", target, "met" if ok else "MISSED",
                      f"{gradable.mean():.1%}"])
         wrong[name] = [(i, v) for i, v in enumerate(verdicts) if v.fundus != fundus]
     print(format_table(["set", "result", "target", "", "judged gradable"], rows, align="lrlll"))
@@ -110,9 +99,8 @@ def main() -> None:
             label = names[i] if name.startswith("non-fundus") else (
                 str(sets[name][0][i]) if isinstance(sets[name][0][i], (str, type(RETINA))) else f"#{i}")
             print(f"  {name}: {label}: {v.summary()}")
-    refused = [(n, v) for n, v in zip(names, judge(model, list(others.values())))]
     print("\nwhy each non-fundus picture was refused (first reason):")
-    for n, v in refused:
+    for n, v in zip(names, verdicts_of[f"non-fundus pictures ({len(others)})"]):
         print(f"  {n:<42} {v.reasons[0] if v.reasons else '(accepted)'}")
     whole, part = cost(model, tests[:64])
     print(f"\ncost: whole embedding {whole * 1e3:.1f} ms/photo, the gate's part {part * 1e3:.2f} ms/photo "

@@ -25,25 +25,17 @@ from PIL import Image
 import fundus_sdk
 from fundus_sdk import metrics
 from fundus_sdk.labels import read_labels
-from training.camera import enhanced_like_eyepacs, jpeg, simulated_raw
+from tests.shared import RETINA
+from training.camera import simulated_raw, versions_of
 
-from .common import EYEPACS_IMAGES, RETINA, print_header
+from .common import EYEPACS_IMAGES, print_header
 
 LABELS = EYEPACS_IMAGES.parent / "labels.csv"
 
 
 def part_one(model: fundus_sdk.Model, others: list[Path]) -> None:
     raw = Image.open(RETINA).convert("RGB")
-    versions = {
-        "enhanced like EyePACS (256 px)": enhanced_like_eyepacs(raw),
-        "resized to 512 px": raw.resize((512, 512), Image.LANCZOS),
-        "upscaled to 3000 px": raw.resize((3000, 3000), Image.BICUBIC),
-        "another camera's cast (G x0.7, B x0.5)": Image.fromarray(
-            (np.asarray(raw, dtype=np.float32) * [1.0, 0.7, 0.5]).astype(np.uint8)
-        ),
-        "JPEG quality 60": jpeg(raw, 60),
-        "mirrored (the other eye)": raw.transpose(Image.FLIP_LEFT_RIGHT),
-    }
+    versions = versions_of(raw)
     vecs = model.embed([raw, *versions.values()])
     unrelated = model.embed(others)
     between = (unrelated @ unrelated.T)[np.triu_indices(len(others), 1)]

@@ -46,3 +46,17 @@ def simulated_raw(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     canvas = Image.new("RGB", (int(256 * 4 / 3), 256))
     canvas.paste(disc, ((canvas.width - 256) // 2, 0))
     return jpeg(canvas.resize((2048, 1536), Image.BICUBIC), 90)
+
+
+def versions_of(raw: Image.Image) -> dict[str, Image.Image]:
+    """The same photograph as other cameras and pipelines would deliver it, by name."""
+    return {
+        "enhanced like EyePACS (256 px)": enhanced_like_eyepacs(raw),
+        "resized to 512 px": raw.resize((512, 512), Image.LANCZOS),
+        "upscaled to 3000 px": raw.resize((3000, 3000), Image.BICUBIC),
+        "another camera's cast (G x0.7, B x0.5)": Image.fromarray(
+            (np.asarray(raw, dtype=np.float32) * [1.0, 0.7, 0.5]).astype(np.uint8)
+        ),
+        "JPEG quality 60": jpeg(raw, 60),
+        "mirrored (the other eye)": raw.transpose(Image.FLIP_LEFT_RIGHT),
+    }
