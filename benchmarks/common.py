@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from tests.shared import EYEPACS  # the one definition of where the photos are
+from tests.shared import EYEPACS, REPO, RETINA  # the one definition of where the photos are  # noqa: F401
 
 EYEPACS_IMAGES = EYEPACS / "images"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")

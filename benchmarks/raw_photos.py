@@ -25,10 +25,9 @@ from PIL import Image
 import fundus_sdk
 from fundus_sdk import metrics
 from fundus_sdk.labels import read_labels
-from tests.shared import RETINA
 from training.camera import simulated_raw, versions_of
 
-from .common import EYEPACS_IMAGES, print_header
+from .common import EYEPACS_IMAGES, RETINA, print_header
 
 LABELS = EYEPACS_IMAGES.parent / "labels.csv"
 

@@ -5,6 +5,7 @@ function counts as much as one at the top."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,9 @@ def test_imports_flow_one_way(package):
         if (bad := imported_packages(path) & FORBIDDEN[package])
     }
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if p.stem != "__init__"))
+def test_every_benchmark_script_imports(script):
+    """A benchmark is run by hand, rarely: a broken import must not wait for that day."""
+    importlib.import_module(f"benchmarks.{script}")
