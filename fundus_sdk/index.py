@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -51,6 +52,7 @@ from usearch.index import Index as _USearch  # noqa: E402
 FORMAT = "1"
 DB_NAME = "cases.sqlite"
 LOCK_NAME = "writer.lock"
+log = logging.getLogger(__name__)
 PSEUDONYM_KEY = "pseudonym_key"  # per-index secret of the patient pseudonyms (HMAC of the PatientID)
 RESERVED = ("key", "path", "sha256", "added")  # derived by the index itself: never metadata
 ON_CONFLICT = ("keep", "update")
@@ -354,6 +356,7 @@ class Index:
             path.rmdir()  # empty, checked above
         staging.rename(path)
         fsync_dir(path.parent)
+        log.info("created index %s for %s", path, m.name)
         return cls.open(path, model=m)
 
     @classmethod
@@ -484,6 +487,8 @@ class Index:
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
         self._rebuilt = vectors is None or len(vectors) != count
         if self._rebuilt:
+            log.warning("%s: vector file missing, damaged or stale; rebuilding it from %s (%d cases)", file, DB_NAME, count)
+        if self._rebuilt:
             vectors = self._vectors_from_sqlite()
             if self._locked:  # only the writer-lock holder writes files; others rebuild in memory
                 self._write_vectors(vectors, self.generation)
@@ -551,6 +556,7 @@ class Index:
             self._info["generation"] = str(new)
             self._loaded = new
             self._remove_leftovers()
+            log.debug("%s: committed generation %d (%d cases)", self.path, new, len(self._vectors))
             return result
 
     def _leftovers(self) -> list[Path]:
@@ -842,6 +848,8 @@ class Index:
         commit()
         for pos, sha in copies:
             keys[pos] = keys[new[sha]]
+        log.info("%s: %d of %d inputs added or already held, %d not", self.path, sum(k is not None for k in keys), n,
+                 sum(k is None for k in keys))  # fmt: skip
         return keys
 
     def _known(self, sha, pos, grade, extra, keys, on_conflict) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from .preprocess import Prepared, Preprocess
 from .weights import WeightsError
 from .weights import fingerprint as weights_fingerprint
 
+log = logging.getLogger(__name__)
 DEFAULT_MODEL = "default.onnx"
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
 
@@ -102,6 +104,8 @@ class Model:
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
         check_graph(path, session, meta, preprocess)
+        log.info("loaded model %s %s (%s) from %s on %s", meta[contract.NAME], meta[contract.VERSION],
+                 meta[contract.FINGERPRINT][:12], path, ", ".join(session.get_providers()))  # fmt: skip
         return cls(path, session, meta, preprocess)
 
     def __repr__(self) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import logging
 
 import fundus_sdk
-from tests.shared import RETINA
+from tests.shared import FIXTURES, RETINA
 
 
 def public_members() -> list[tuple[str, object]]:
@@ -44,3 +45,14 @@ def test_open_or_create_runs_twice(tmp_path):
         with fundus_sdk.Index.open_or_create(tmp_path / "ix") as ix:
             assert len(ix) == expected
             ix.add([RETINA])
+
+
+def test_library_code_logs_instead_of_printing(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="fundus_sdk")
+    model = fundus_sdk.Model.load(fundus_sdk.model.default_model_path())
+    with fundus_sdk.Index.create(tmp_path / "ix", model=model) as ix:
+        ix.add([RETINA, FIXTURES / "chelsea.jpg"], on_error=lambda err: None)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("fundus_sdk")]
+    assert any(m.startswith("loaded model ") and model.fingerprint[:12] in m for m in messages), messages
+    assert any("created index" in m for m in messages) and any("1 of 2 inputs added" in m for m in messages), messages
+    assert capsys.readouterr() == ("", "")
