@@ -180,6 +180,7 @@ class Gate:
         return Verdict(fundus, round(fundus_score, 4), gradable, round(gradability, 4), tuple(reasons))
 
     def to_json(self) -> str:
+        """The calibration as the text stored in a model's metadata (arrays as base64 float32)."""
         return json.dumps({
             "dim": int(self.mean.size), "k": int(self.variances.size), "mean": _pack(self.mean),
             "basis": _pack(self.basis), "variances": _pack(self.variances), "residual": self.residual,
@@ -188,6 +189,7 @@ class Gate:
 
     @classmethod
     def from_json(cls, text: str) -> "Gate":
+        """The calibration stored by `to_json`."""
         d = json.loads(text)
         dim, k = int(d["dim"]), int(d["k"])
         return cls(
