@@ -343,3 +343,20 @@ def test_ordinal_loss_costs_more_the_further_the_mass_from_the_grade():
     near = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0]])  # mass on grade 1
     far = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0]])  # mass on grade 4
     assert ordinal_loss(far, grades) > ordinal_loss(near, grades) > ordinal_loss(torch.tensor([[5.0, 0, 0, 0, 0]]), grades)
+
+
+def test_a_run_takes_a_toml_config_flags_win_and_the_run_records_it(tmp_path, capsys):
+    from training.__main__ import build_parser, config_flags, record_options
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'data = "{tmp_path}"\nfrozen_blocks = 0\nepochs = 3\nresume = true\nbackbone_lr = 5e-5\n')
+    parser = build_parser()
+    args = parser.parse_args(config_flags(parser, ["train", "--config", str(config), "--epochs", "5", "--out", str(tmp_path / "r")]))
+    assert (args.frozen_blocks, args.epochs, args.resume, args.backbone_lr) == (0, 5, True, 5e-5)
+    record_options(args)
+    again = parser.parse_args(config_flags(parser, ["train", "--config", str(tmp_path / "r" / "run.toml")]))
+    assert {k: v for k, v in vars(again).items() if k != "config"} == {k: v for k, v in vars(args).items() if k != "config"}
+    config.write_text("frozen_blokcs = 0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        config_flags(parser, ["train", "--config", str(config)])
+    assert exit_info.value.code == Exit.USAGE and "unknown option 'frozen_blokcs' for train" in capsys.readouterr().err

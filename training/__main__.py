@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -28,6 +29,11 @@ from .weights import WeightsUnavailable
 
 def add_data_and_model(p: argparse.ArgumentParser) -> None:
     """Options of every command: the data, the model's shape, resources."""
+    p.add_argument(
+        "--config", metavar="FILE.toml",
+        help="options from a TOML file (keys are the option names, e.g. frozen_blocks = 0); flags given too win. "
+        "`train` records the options it ran with as OUT/run.toml",
+    )  # fmt: skip
     p.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
     p.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
@@ -116,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_and_model(e)
     e.add_argument("--checkpoint", required=True, help="a training checkpoint (its model and preprocessing are used)")
+    parser.commands = {"train": t, "ablate": a, "probe": r, "evaluate": e}  # for --config
     return parser
 
 
@@ -132,9 +139,49 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     return cfg, model_cfg
 
 
+def config_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with the options of its --config file put in as flags right after the command, so
+    that flags given on the command line (which come later) win and argparse checks every value."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return argv
+    import tomllib
+
+    path = argv[argv.index("--config") + 1]
+    try:
+        with open(path, "rb") as f:
+            options = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    sub = parser.commands.get(argv[0])
+    if sub is None:
+        return argv  # not a command: argparse says so
+    known = {a.dest: a for a in sub._actions if a.option_strings}
+    flags = []
+    for key, value in options.items():
+        action = known.get(key.replace("-", "_"))
+        if action is None or key == "config":
+            parser.error(f"--config {path}: unknown option {key!r} for {argv[0]}")
+        flag = action.option_strings[-1]
+        if action.nargs == 0:  # a switch such as --resume
+            flags += [flag] if value else []
+        else:
+            flags += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return [argv[0], *flags, *argv[1:]]
+
+
+def record_options(args: argparse.Namespace) -> None:
+    """Write the options a training run was started with to OUT/run.toml (a --config for a re-run)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"{k} = {json.dumps(v)}" for k, v in sorted(vars(args).items())
+             if k not in ("command", "config") and v is not None]  # fmt: skip
+    (out / "run.toml").write_text("# python -m training train --config run.toml\n" + "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(config_flags(parser, argv) if argv else argv)
     try:
         cfg, model_cfg = configs(args)
     except ValueError as exc:  # a value the configurations refuse, e.g. --dim 999
@@ -157,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(format_probe(probe(cfg, model_cfg, args.checkpoint)))
         else:
+            record_options(args)
             train(cfg, model_cfg, resume=args.resume)
     except (LabelError, WeightsUnavailable, CheckpointError) as exc:  # bad input: the message names it
         print(f"error: {exc}", file=sys.stderr)
