@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning
 from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
-from .model import MODEL_LICENCE, default_model_path, load_model
+from .model import MODEL_LICENCE, Model, default_model_path, load_model
 from .tables import format_table
 
 
@@ -94,9 +94,38 @@ def gather(paths: tuple[str, ...] | list[str], recursive: bool) -> tuple[list[Pa
     return files, missing
 
 
-model_option = click.option(
-    "--model", "model_path", type=click.Path(dir_okay=False), help="ONNX model file (default: the bundled model)."
-)
+@dataclass(frozen=True)
+class Runtime:
+    """The model a command uses and how it runs: --model, --provider, --threads."""
+
+    path: str | None
+    providers: tuple[str, ...]
+    threads: int | None
+
+    def load(self) -> Model:
+        """The model (the bundled one unless --model), on the providers and threads asked for."""
+        return load_model(self.path, list(self.providers) or None, self.threads)
+
+    def open(self, directory: str, read_only: bool = False) -> Index:
+        """An index, with this model when --model was given (else the index's own default)."""
+        return Index.open(directory, read_only=read_only, model=self.path, providers=list(self.providers) or None,
+                          threads=self.threads)  # fmt: skip
+
+
+def model_option(command: Callable) -> Callable:
+    """--model, --provider and --threads on a command, passed to it as `runtime` (a Runtime)."""
+
+    @click.option("--model", "model_path", type=click.Path(dir_okay=False), help="ONNX model file (default: the bundled model).")
+    @click.option("--provider", "providers", multiple=True, metavar="NAME",
+                  help="ONNX Runtime execution provider: cpu, cuda or a full name (repeatable, in order of preference; "
+                  "default: CUDA when this onnxruntime has it, else the CPU).")
+    @click.option("--threads", type=click.IntRange(1, 1024), default=None,
+                  help="ONNX Runtime threads (default: every core); give each of several processes its share.")
+    @wraps(command)
+    def with_runtime(*args: Any, model_path: str | None, providers: tuple[str, ...], threads: int | None, **kwargs: Any) -> Any:
+        return command(*args, runtime=Runtime(model_path, providers, threads), **kwargs)
+
+    return with_runtime
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 COMMIT_SECONDS = 20.0  # `index add` commits at least this often: what an interruption can lose
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
@@ -136,7 +165,7 @@ def main() -> None:
 @check_option
 @quiet_option
 @handle_errors
-def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet) -> None:
+def embed(paths, output, fmt, recursive, batch_size, runtime, no_check, quiet) -> None:
     """Embed every image in the files and folders given.
 
     Writes one unit-norm vector per readable image, with its path and content hash (sha256),
@@ -150,7 +179,7 @@ def embed(paths, output, fmt, recursive, batch_size, model_path, no_check, quiet
     """
     fmt = output_format(output, fmt)
     files, missing = gather(paths, recursive)
-    model = load_model(model_path)
+    model = runtime.load()
     vectors, names, hashes, verdicts, failures = [], [], [], [], len(missing)
     started = time.perf_counter()
     with progress(len(files), "embedding", quiet) as advance:
@@ -217,14 +246,14 @@ def index() -> None:
 @model_option
 @click.option("--dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True, help="How vectors are stored for search.")
 @handle_errors
-def index_create(directory, model_path, dtype) -> None:
+def index_create(directory, runtime, dtype) -> None:
     """Create an empty case index in DIRECTORY for the model's vectors.
 
     \b
     Example:
       fundus-sdk index create cases/
     """
-    with Index.create(directory, model=load_model(model_path), dtype=dtype) as ix:
+    with Index.create(directory, model=runtime.load(), dtype=dtype) as ix:
         click.echo(f"created {directory} for {ix.info()['model_name']} (dimension {ix.dim}, {dtype})")
 
 
@@ -243,7 +272,7 @@ def index_create(directory, model_path, dtype) -> None:
 @quiet_option
 @handle_errors
 def index_add(
-    directory, paths, labels, allow_unlabelled, update, recursive, batch_size, model_path, no_check, keep_identifiers, quiet
+    directory, paths, labels, allow_unlabelled, update, recursive, batch_size, runtime, no_check, keep_identifiers, quiet
 ) -> None:
     """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
@@ -263,7 +292,7 @@ def index_add(
     Example:
       fundus-sdk index add cases/ photos/ --labels grades.csv
     """
-    ix = Index.open(directory, model=load_model(model_path) if model_path else None)
+    ix = runtime.open(directory)
     failures, conflicts = 0, 0
 
     def failed(err: ImageError) -> None:
@@ -491,7 +520,7 @@ def index_export(directory, output, fmt) -> None:
 @batch_option
 @quiet_option
 @handle_errors
-def index_rebuild(old, new, model_path, batch_size, quiet) -> None:
+def index_rebuild(old, new, runtime, batch_size, quiet) -> None:
     """Re-embed every case of the index OLD into a new index NEW, for a new model.
 
     Each case whose photo is still at its path, unchanged (same sha256), keeps its key, grade,
@@ -504,7 +533,7 @@ def index_rebuild(old, new, model_path, batch_size, quiet) -> None:
     with Index.open(old, read_only=True) as ix:
         total = len(ix)
     with progress(total, "re-embedding", quiet) as advance:
-        report = rebuild(old, new, load_model(model_path), batch_size=batch_size, progress=advance)
+        report = rebuild(old, new, runtime.load(), batch_size=batch_size, progress=advance)
     for case in report.missing:
         click.echo(f"not rebuilt: case {case.key}: {case.path}: the photo is gone", err=True)
     for case in report.changed:
@@ -536,7 +565,7 @@ def case_ref(text: str) -> int | str:
 @check_option
 @json_option
 @handle_errors
-def search(images, index_dir, k, where, exclude, model_path, no_check, as_json) -> None:
+def search(images, index_dir, k, where, exclude, runtime, no_check, as_json) -> None:
     """Find the cases most similar to each photo.
 
     Values compare by type: numbers as numbers (as label CSVs store them), text as text. A
@@ -554,7 +583,7 @@ def search(images, index_dir, k, where, exclude, model_path, no_check, as_json) 
         raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
     failures = 0
     results = []
-    with Index.open(index_dir, read_only=True, model=load_model(model_path) if model_path else None) as ix:
+    with runtime.open(index_dir, read_only=True) as ix:
         if filters or leave_out:
             try:
                 compile_filter(filters, leave_out, ix.fields())  # an unknown field fails here, before any embedding
@@ -599,7 +628,7 @@ def format_hits(query: str, hits: list[Hit]) -> str:
 @json_option
 @quiet_option
 @handle_errors
-def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
+def evaluate(index_dir, queries, k, runtime, as_json, quiet) -> None:
     """Retrieval quality of an index for graded query photos: mHR@k, mAP@k, AP@k, NDCG@k.
 
     Per grade and averaged (micro over queries, macro over grades), each next to its chance
@@ -616,7 +645,7 @@ def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
         failures.append(err)
         report_failure(err)
 
-    with Index.open(index_dir, read_only=True, model=load_model(model_path) if model_path else None) as ix:
+    with runtime.open(index_dir, read_only=True) as ix:
         with progress(len(labels), "evaluating", quiet) as advance:
             report = evaluate_index(ix, labels, k, on_error=failed, progress=advance)
     click.echo(json.dumps(report, indent=2) if as_json else metrics.format_report(report))
@@ -631,7 +660,7 @@ def evaluate(index_dir, queries, k, model_path, as_json, quiet) -> None:
 @model_option
 @json_option
 @handle_errors
-def info(model_path, as_json) -> None:
+def info(runtime, as_json) -> None:
     """Show the model (name, dimension, fingerprint, metadata), providers and package versions.
 
     \b
@@ -642,7 +671,7 @@ def info(model_path, as_json) -> None:
 
     import onnxruntime as ort
 
-    model = load_model(model_path)
+    model = runtime.load()
     versions = {}
     for dist in ("fundus-sdk", "onnxruntime", "onnxruntime-gpu", "usearch", "numpy", "pillow", "click"):
         try:

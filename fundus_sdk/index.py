@@ -44,7 +44,7 @@ from .filters import COLUMNS, Where, compile_filter
 from .gate import NotFundusError, UngradableWarning, Verdict
 from .inputs import ImageInput, identify
 from .labels import GRADE_RANGE, is_grade
-from .model import Model, as_list, load_model  # imports onnxruntime before usearch, see below
+from .model import Model, Providers, as_list, load_model  # imports onnxruntime before usearch, see below
 
 # onnxruntime must be loaded before usearch's extension: the other order crashed with usearch 2.26.
 from usearch.index import Index as _USearch  # noqa: E402
@@ -244,6 +244,7 @@ class Index:
         self._conn = conn
         self.read_only = read_only
         self._model = model
+        self._runtime: tuple[Providers, int | None] = (None, None)  # how the default model runs when loaded
         self._info = dict(conn.execute("SELECT name, value FROM info").fetchall())
         if self._info.get("format") != FORMAT:
             raise CaseIndexError(f"{path}: index format {self._info.get('format')!r}, this version reads {FORMAT!r}")
@@ -317,19 +318,26 @@ class Index:
 
     @classmethod
     def create(
-        cls, path: str | Path, model: Model | str | Path | None = None, dtype: str = "f16", root: str | Path | None = None
+        cls,
+        path: str | Path,
+        model: Model | str | Path | None = None,
+        dtype: str = "f16",
+        root: str | Path | None = None,
+        providers: Providers = None,
+        threads: int | None = None,
     ) -> "Index":
         """A new, empty index in directory `path` (which must not exist or must be empty).
 
         `model` is the model whose vectors it will hold (None: the bundled default); `dtype`
         is how usearch stores vectors ("f16" halves memory; measured recall in benchmarks/).
         Photos' paths are stored absolute, or, with `root`, relative to that folder (recorded
-        in the index) when they lie inside it, so an archive can move as a whole.
+        in the index) when they lie inside it, so an archive can move as a whole. `providers`
+        and `threads` say how the model runs (see `Model.load`).
         """
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise CaseIndexError(f"{path}: already exists and is not an empty directory")
-        m = model if isinstance(model, Model) else load_model(model)
+        m = model if isinstance(model, Model) else load_model(model, providers, threads)
         # Made aside and renamed into place: a kill during creation leaves no half-made index.
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
@@ -360,18 +368,33 @@ class Index:
         return cls.open(path, model=m)
 
     @classmethod
-    def open_or_create(cls, path: str | Path, model: Model | str | Path | None = None, **create: Any) -> "Index":
+    def open_or_create(
+        cls,
+        path: str | Path,
+        model: Model | str | Path | None = None,
+        providers: Providers = None,
+        threads: int | None = None,
+        **create: Any,
+    ) -> "Index":
         """Open the index at `path` for writing, creating it (see `create`) when it does not exist yet."""
         if (Path(path) / DB_NAME).is_file():
-            return cls.open(path, model=model)
-        return cls.create(path, model=model, **create)
+            return cls.open(path, model=model, providers=providers, threads=threads)
+        return cls.create(path, model=model, providers=providers, threads=threads, **create)
 
     @classmethod
-    def open(cls, path: str | Path, read_only: bool = False, model: Model | str | Path | None = None) -> "Index":
+    def open(
+        cls,
+        path: str | Path,
+        read_only: bool = False,
+        model: Model | str | Path | None = None,
+        providers: Providers = None,
+        threads: int | None = None,
+    ) -> "Index":
         """Open an existing index. Read-only opening memory-maps the vectors (fast for big indexes).
 
         `model` is needed only to embed images, and only if the index was not built with the
         bundled default model; a model other than the index's raises ModelMismatchError.
+        `providers` and `threads` say how the model runs (see `Model.load`).
         """
         path = Path(path)
         db = path / DB_NAME
@@ -381,8 +404,10 @@ class Index:
             conn = _connect(db, read_only)
         except sqlite3.DatabaseError as exc:
             raise CaseIndexError(f"{path}: cannot read {DB_NAME} ({exc})") from exc
-        m = model if isinstance(model, Model) or model is None else load_model(model)
-        return cls(path, conn, read_only=read_only, model=m)
+        m = model if isinstance(model, Model) or model is None else load_model(model, providers, threads)
+        index = cls(path, conn, read_only=read_only, model=m)
+        index._runtime = (providers, threads)
+        return index
 
     def close(self) -> None:
         """Close the index (its database connection); `with Index.open(...)` does it for you."""
@@ -422,7 +447,7 @@ class Index:
     def model(self) -> Model:
         """The model that embeds images for this index (the bundled default unless given)."""
         if self._model is None:
-            default = load_model()
+            default = load_model(None, *self._runtime)
             if default.fingerprint != self.model_fingerprint:
                 raise ModelMismatchError(
                     self._mismatch(default) + "; open the index with model=<its model file>, or re-embed it for this "

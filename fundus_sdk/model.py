@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -34,11 +34,16 @@ def default_model_path() -> Path:
     return Path(str(resources.files("fundus_sdk") / "models" / DEFAULT_MODEL))
 
 
-def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+Provider = Union[str, tuple[str, dict[str, Any]]]  # a name, or ONNX Runtime's (name, options) form
+Providers = Union[Sequence[Provider], str, None]
+
+
+def resolve_providers(providers: Providers) -> list[Provider]:
     """ONNX Runtime providers to ask for: CUDA first when this build has it, else the CPU.
 
     `providers` may be None (automatic), "cpu", "cuda", or a list of ONNX Runtime provider
-    names. Asking for CUDA where this onnxruntime build has no CUDA provider is an error.
+    names or (name, options) pairs, e.g. [("CUDAExecutionProvider", {"device_id": 1})]. Asking
+    for CUDA where this onnxruntime build has no CUDA provider is an error.
     """
     available = ort.get_available_providers()
     if providers is None:
@@ -47,8 +52,15 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     if isinstance(providers, str):
         providers = [providers]
     aliases = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-    names = [aliases.get(p.lower(), p) for p in providers]
-    for name in names:
+    resolved: list[Provider] = []
+    for p in providers:
+        if isinstance(p, str):
+            resolved.append(aliases.get(p.lower(), p))
+        elif isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], dict):
+            resolved.append((aliases.get(p[0].lower(), p[0]), p[1]))
+        else:
+            raise ProviderError(f"a provider is a name or a (name, options dict) pair, got {p!r}")
+    for name in map(provider_name, resolved):
         if name not in available:
             hint = (
                 " Install the GPU build instead of the CPU one (never both side by side): "
@@ -60,7 +72,11 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
             raise ProviderError(
                 f"{name} is not available in this onnxruntime build (available: {', '.join(available)}).{hint}"
             )
-    return names
+    return resolved
+
+
+def provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 @dataclass
@@ -73,19 +89,28 @@ class Model:
     preprocess: Preprocess = field(repr=False)
 
     @classmethod
-    def load(cls, path: str | Path, providers: Sequence[str] | str | None = None) -> "Model":
-        """Load a model file without the cache of `load_model` (ModelError: not a usable model)."""
+    def load(cls, path: str | Path, providers: Providers = None, threads: int | None = None) -> "Model":
+        """Load a model file without the cache of `load_model` (ModelError: not a usable model).
+
+        `threads`: ONNX Runtime's intra-op threads (None: its default, every core); give each of
+        several processes embedding at once its share of the cores.
+        """
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
         wanted = resolve_providers(providers)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                session = ort.InferenceSession(str(path), providers=wanted)
+                session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own, untyped, exceptions
             raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
-        if "CUDAExecutionProvider" in wanted and providers is not None and (
+        if "CUDAExecutionProvider" in map(provider_name, wanted) and providers is not None and (
             "CUDAExecutionProvider" not in session.get_providers()
         ):
             raise ProviderError(
@@ -270,17 +295,20 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 
 @lru_cache(maxsize=8)
-def _cached(path: str, providers: tuple[str, ...] | None) -> Model:
-    return Model.load(path, list(providers) if providers is not None else None)
+def _cached(path: str, providers: str | None, threads: int | None) -> Model:
+    listed = None if providers is None else [p if isinstance(p, str) else tuple(p) for p in json.loads(providers)]
+    return Model.load(path, listed, threads)
 
 
-def load_model(path: str | Path | None = None, providers: Sequence[str] | str | None = None) -> Model:
-    """Load a model file (None: the bundled default). Loaded models are cached per path."""
-    key = None if providers is None else ((providers,) if isinstance(providers, str) else tuple(providers))
+def load_model(path: str | Path | None = None, providers: Providers = None, threads: int | None = None) -> Model:
+    """Load a model file (None: the bundled default). Loaded models are cached per path,
+    providers and threads. See `Model.load`."""
     target = Path(path) if path is not None else default_model_path()
     if path is None and not target.is_file():
         raise ModelError(f"the bundled default model is missing from this installation ({target})")
-    return _cached(str(target.resolve()), key)
+    listed = [providers] if isinstance(providers, str) else providers
+    key = None if listed is None else json.dumps([p if isinstance(p, str) else list(p) for p in listed], sort_keys=True)
+    return _cached(str(target.resolve()), key, threads)
 
 
 def embed(
@@ -288,12 +316,13 @@ def embed(
     *,
     model: Model | str | Path | None = None,
     batch_size: int = 16,
-    providers: Sequence[str] | str | None = None,
+    providers: Providers = None,
+    threads: int | None = None,
     on_error: OnError = "raise",
 ) -> np.ndarray:
     """Embed fundus images (paths, PIL images, HxWx3 uint8 arrays, or a mix) as unit-norm rows.
 
     `model=None` uses the bundled default model. See `Model.embed` for `on_error`.
     """
-    m = model if isinstance(model, Model) else load_model(model, providers)
+    m = model if isinstance(model, Model) else load_model(model, providers, threads)
     return m.embed(images, batch_size=batch_size, on_error=on_error)

@@ -615,3 +615,13 @@ def test_embed_to_stdout_and_refused_targets(tmp_path):
         refused = run("embed", str(photos), "-o", str(tmp_path / target), "-q")
         assert refused.returncode == EXIT_USAGE and words in refused.stderr, refused.stderr
     assert not (tmp_path / "x.csv").exists() and (tmp_path / "pipe.npz").is_fifo()
+
+
+def test_every_embedding_command_takes_threads_and_provider(tmp_path):
+    for command in (["embed"], ["index", "add"], ["search"], ["evaluate"], ["index", "rebuild"], ["info"]):
+        text = run(*command, "--help").stdout
+        assert "--threads" in text and "--provider" in text, command
+    proc = run("embed", str(RETINA), "-o", str(tmp_path / "e.jsonl"), "--threads", "1", "--provider", "cpu", "-q")
+    assert proc.returncode == EXIT_OK, proc.stderr
+    bad = run("embed", str(RETINA), "-o", str(tmp_path / "e.jsonl"), "--provider", "TPUExecutionProvider", "-q")
+    assert bad.returncode == EXIT_FATAL and "TPUExecutionProvider is not available" in bad.stderr

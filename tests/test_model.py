@@ -147,3 +147,17 @@ def test_metadata_that_disagrees_with_the_graph_is_refused(tmp_path, key, value,
 
     with pytest.raises(ModelError, match=words):
         fundus_sdk.Model.load(_tampered(tmp_path, edit))
+
+
+def test_threads_and_onnx_runtimes_provider_options_form(tmp_path):
+    default = fundus_sdk.load_model()
+    one = fundus_sdk.load_model(threads=1, providers=[("CPUExecutionProvider", {})])
+    assert one is not default and one.session.get_session_options().intra_op_num_threads == 1
+    assert fundus_sdk.load_model(threads=2, providers=[("cpu", {})]).providers == ["CPUExecutionProvider"]  # alias in a pair
+    assert np.allclose(one.embed(RETINA), default.embed(RETINA), atol=1e-5)
+    with pytest.raises(ProviderError, match="a name or a"):
+        fundus_sdk.load_model(providers=[("CPUExecutionProvider",)])
+    with fundus_sdk.Index.create(tmp_path / "ix", threads=1) as ix:
+        assert ix.model.session.get_session_options().intra_op_num_threads == 1
+    with fundus_sdk.Index.open(tmp_path / "ix", read_only=True, threads=1) as ix:
+        assert ix.model.session.get_session_options().intra_op_num_threads == 1
