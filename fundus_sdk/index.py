@@ -511,7 +511,7 @@ class Index:
         elif file.is_file():
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
         self._rebuilt = vectors is None or len(vectors) != count
-        if self._rebuilt:
+        if self._rebuilt and (count or file.is_file()):  # a new, empty index has no vector file yet
             log.warning("%s: vector file missing, damaged or stale; rebuilding it from %s (%d cases)", file, DB_NAME, count)
         if self._rebuilt:
             vectors = self._vectors_from_sqlite()

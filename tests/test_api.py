@@ -56,3 +56,9 @@ def test_library_code_logs_instead_of_printing(tmp_path, caplog, capsys):
     assert any(m.startswith("loaded model ") and model.fingerprint[:12] in m for m in messages), messages
     assert any("created index" in m for m in messages) and any("1 of 2 inputs added" in m for m in messages), messages
     assert capsys.readouterr() == ("", "")
+
+
+def test_creating_an_index_says_nothing_on_stderr(tmp_path, capfd):
+    with fundus_sdk.Index.create(tmp_path / "ix"):
+        pass
+    assert capfd.readouterr().err == ""
