@@ -246,7 +246,7 @@ def test_command_line_defaults_are_the_configs_defaults_and_every_option_reaches
     assert replace(cfg, out=expected.out) == expected
     # an option whose name is no config field would be dropped silently by configs()
     field_names = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
-    handled_elsewhere = {"command", "recipe", "no_pretrained", "resume", "variants", "seeds", "checkpoint"}
+    handled_elsewhere = {"command", "config", "recipe", "no_pretrained", "resume", "variants", "seeds", "checkpoint"}
     assert set(vars(args)) - field_names <= handled_elsewhere
 
 
