@@ -86,10 +86,11 @@ def _pydicom(name: str):
     return pydicom
 
 
-def _read(data: bytes, name: str, pixels: bool = True):
+def _read(source: bytes | Path, name: str, pixels: bool = True):
+    """The dataset of DICOM bytes or a file (a file without pixels: pydicom stops at the header)."""
     pydicom = _pydicom(name)
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
+        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=not pixels)
     except Exception as exc:  # pydicom raises many types for a broken file
         raise ImageError(name, f"unreadable DICOM file ({exc})") from exc
 
@@ -104,13 +105,9 @@ def frame_count(ds: Any) -> int:
 def frames(path: str | Path) -> list[Frame]:
     """One input per frame of the DICOM file at `path` (reads its header only)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(path, f"cannot read file ({exc.strerror or exc})") from exc
-    if not is_dicom(data):
-        raise ImageError(path, "not a DICOM file")
-    count = frame_count(_read(data, str(path), pixels=False))
+    if not looks_like_dicom(path):
+        raise ImageError(path, "not a readable DICOM file")
+    count = frame_count(_read(path, str(path), pixels=False))
     return [Frame(path, i, count) for i in range(count)]
 
 
@@ -119,9 +116,10 @@ def expand_frames(files: list[Path]) -> list[Path | Frame]:
     out: list[Path | Frame] = []
     for f in files:
         try:
-            out += frames(f) if looks_like_dicom(f) and frames(f)[0].count > 1 else [f]
+            found = frames(f) if looks_like_dicom(f) else []
         except ImageError:
-            out.append(f)  # decoding will report it
+            found = []  # decoding will report it
+        out += found if len(found) > 1 else [f]  # a single-frame file stays its file
     return out
 
 

@@ -856,12 +856,12 @@ class Index:
             ):
                 pos = todo_pos[i]
                 item = inputs[pos]
+                if verdict is not None and not verdict.fundus:
+                    failed(NotFundusError(item, verdict))
+                    continue
                 grade, extra = meta[pos]
                 extra = {**found, **self._patient(who, keep_identifiers), **extra}
                 if verdict is not None:
-                    if not verdict.fundus:
-                        failed(NotFundusError(item, verdict))
-                        continue
                     extra = {**extra, "gradability": verdict.gradability}
                 source = item.path if isinstance(item, Frame) else item  # a DICOM frame: its file
                 path = paths[pos] if paths else (self._stored_path(source) if isinstance(source, (str, Path)) else None)

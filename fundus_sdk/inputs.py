@@ -70,14 +70,13 @@ def find_images(
     for p in map(Path, paths):
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
-            entries = sorted(p.glob(pattern))
-            found += [f for f in entries if f.is_file() and _wanted(f)]
-            if on_skipped is not None:
-                for f in entries:
-                    if f.is_file() and not _wanted(f):
-                        on_skipped(f, "not an image file (by its name and content)")
-                    elif f.is_dir() and not recursive:
-                        on_skipped(f, "a sub-folder, not searched (add -r to search sub-folders)")
+            for f in sorted(p.glob(pattern)):  # each entry judged once (a suffix-less file is read to judge it)
+                if f.is_file() and _wanted(f):
+                    found.append(f)
+                elif on_skipped is not None and f.is_file():
+                    on_skipped(f, "not an image file (by its name and content)")
+                elif on_skipped is not None and f.is_dir() and not recursive:
+                    on_skipped(f, "a sub-folder, not searched (add -r to search sub-folders)")
         elif p.exists():
             found.append(p)
         else:
