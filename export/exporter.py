@@ -15,11 +15,12 @@ from fundus_sdk.atomic import write_atomically
 from training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from training.data import DATA_ENV, LabelError, default_data, read_source
 
+from .attention import add_attention_output
 from .errors import ExportError
 from .graph import attention_shape_ops, copy_model, node_counts, optimise, save_model, strip_debug_info, torch_to_onnx
 from .metadata import build_metadata, fingerprint, write_metadata
 from .variants import PRECISIONS, to_fp16, to_int8
-from .verify import MIN_COSINE, VERIFY_BATCH, load_images, sample_files, torch_embed, verify
+from .verify import MIN_COSINE, VERIFY_BATCH, load_images, sample_files, torch_attention, torch_embed, verify
 
 ImageSource = str | Path | Sequence[str | Path]
 
@@ -131,12 +132,16 @@ def export_variants(
     preprocess = ckpt.preprocess
     images = load_images(verification_photos(ckpt, verify_images), preprocess)
     reference = torch_embed(module, images)
+    explained = ckpt.config.mirroring != "none"
+    attention = torch_attention(module, images) if explained else None
 
     raw, fp32 = torch_to_onnx(module, ckpt.config.input_size)
     fp32 = optimise(fp32)
     leftovers = attention_shape_ops(fp32)
     if leftovers:
         raise ExportError(f"{ckpt.path}: shape computations left in the attention graph: {dict(leftovers)}")
+    if explained:
+        fp32 = add_attention_output(fp32)
 
     reports = []
     for precision, output in outputs.items():
@@ -156,7 +161,7 @@ def export_variants(
         meta[contract.FINGERPRINT] = fingerprint(model, meta)
         write_metadata(model, meta)
         output = Path(output)
-        cosines = write_verified(model, output, reference, images, precision)
+        cosines = write_verified(model, output, reference, images, precision, attention)
         reports.append(ExportReport(output, precision, node_counts(raw), node_counts(model), cosines, meta))
     return reports
 
@@ -178,11 +183,16 @@ def verification_photos(ckpt: Checkpoint, verify_images: ImageSource | None) -> 
 
 
 def write_verified(
-    model: onnx.ModelProto, output: Path, reference: np.ndarray, images: np.ndarray, precision: str
+    model: onnx.ModelProto,
+    output: Path,
+    reference: np.ndarray,
+    images: np.ndarray,
+    precision: str,
+    attention: np.ndarray | None = None,
 ) -> np.ndarray:
     """Save to a staging file beside `output`, verify it, then move it into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with write_atomically(output, durable=False) as staging:
         save_model(model, staging)
-        cosines = verify(staging, reference, images, precision)
+        cosines = verify(staging, reference, images, precision, attention)
     return cosines

@@ -17,12 +17,13 @@ import onnxruntime as ort
 import torch
 
 from fundus_sdk import metrics
-from fundus_sdk.contract import INPUT_NAME, PRECISION
+from fundus_sdk.contract import ATTENTION_NAME, INPUT_NAME, PRECISION
 from fundus_sdk.errors import ImageError, one_line
 from fundus_sdk.inputs import find_images
 from fundus_sdk.preprocess import Preprocess
 from fundus_sdk.tables import format_table
 
+from .attention import check_attention
 from .errors import ExportError
 from .metadata import read_metadata
 
@@ -34,6 +35,8 @@ VERIFY_BATCH = 7  # images per verification; the file must also agree on batch s
 # photos with 64-128 calibration photos (mean 0.996), 0.947 with only 8. A broken conversion
 # fails; quantisation noise passes.
 MIN_COSINE = {"fp32": 0.9999, "fp16": 0.9995, "int8": 0.95}
+# How far an attention map's sum may be from 1 (int8 quantises the softmax: Lite0 maps sum to 0.94-1.00).
+MAP_SUM_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-3, "int8": 0.1}
 
 
 def sample_files(source: str | Path | Sequence[str | Path], n: int) -> list[Path]:
@@ -77,17 +80,26 @@ def torch_embed(module: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     return module(torch.from_numpy(images)).numpy()
 
 
+@torch.no_grad()
+def torch_attention(module: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    return module.attention_map(torch.from_numpy(images)).numpy()
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def verify(path: Path, reference: np.ndarray, images: np.ndarray, precision: str) -> np.ndarray:
+def verify(
+    path: Path, reference: np.ndarray, images: np.ndarray, precision: str, attention: np.ndarray | None = None
+) -> np.ndarray:
     """Check the file and return per-image cosines to `reference` (the torch model's descriptors
     of `images`); ExportError on failure.
 
     Checks: onnx.checker (full); output shape, dtype and unit norm; the whole batch and batch 1
-    both agree with the reference at MIN_COSINE[precision].
+    both agree with the reference at MIN_COSINE[precision]. With `attention` (the torch model's
+    attention maps), the file's `attention` output must be distributions agreeing with it at the
+    same cosine.
     """
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -112,6 +124,14 @@ def verify(path: Path, reference: np.ndarray, images: np.ndarray, precision: str
             f"{path}: {precision} graph disagrees with torch: lowest cosine {min(cos.min(), cos_single):.6f} "
             f"(batch {len(images)}: {cos.min():.6f}, batch 1: {cos_single:.6f}), required >= {floor}"
         )
+    if attention is not None:
+        maps = sess.run([ATTENTION_NAME], {INPUT_NAME: images})[0]
+        if maps.shape != attention.shape:
+            raise ExportError(f"{path}: attention output is {maps.shape}, torch's {attention.shape}")
+        check_attention(maps, path, MAP_SUM_TOLERANCE[precision])
+        agree = cosine(maps.reshape(len(maps), -1), attention.reshape(len(attention), -1))
+        if agree.min() < floor:
+            raise ExportError(f"{path}: {precision} attention map disagrees with torch: lowest cosine {agree.min():.6f}")
     return cos
 
 

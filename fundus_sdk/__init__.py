@@ -6,18 +6,21 @@
     hits = fundus_sdk.search("new_patient.jpg", index, k=10)  # list[Hit], best first
     vectors = fundus_sdk.embed(["a.jpg", "b.jpg"])            # (2, dim) float32, unit rows
     verdicts = fundus_sdk.load_model().check(["a.jpg"])       # is it a gradable fundus photo?
+    fundus_sdk.report("new_patient.jpg", index).write_html("report.html")  # photos + heatmaps
 """
 
 from . import metrics
 from .embeddings import Embeddings, read_embeddings, write_embeddings
 from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, ModelMismatchError, ProviderError
 from .evaluation import evaluate_index
+from .explain import Explanation
 from .gate import NotFundusError, UngradableWarning, Verdict
 from .index import BatchHits, Case, Hit, Index, RebuildReport, rebuild, search
 from .inputs import Decoded, decode, find_images
 from .labels import GRADES, Label, LabelError, read_labels
 from .model import Model, embed, load_model
 from .preprocess import Preprocess
+from .report import Report, report
 
 __version__ = "0.2.0"
 
@@ -33,6 +36,10 @@ __all__ = [
     "BatchHits",
     "rebuild",
     "RebuildReport",
+    # seeing the cases
+    "report",
+    "Report",
+    "Explanation",
     # the input gate
     "Verdict",
     "NotFundusError",

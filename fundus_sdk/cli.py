@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__, contract, metrics
 from .dicom import Frame, expand_frames
 from .embeddings import FORMATS, Embeddings, file_format, read_embeddings, write_embeddings
-from .errors import Exit, FundusError, ImageError
+from .errors import Exit, FundusError, ImageError, ModelError
 from .evaluation import evaluate_index
 from .filters import FilterError, compile_filter, conditions_to_where
 from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning
@@ -33,6 +33,7 @@ from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
 from .model import MODEL_LICENCE, Model, default_model_path, load_model
+from .report import Report
 from .tables import format_table
 
 
@@ -561,21 +562,28 @@ def case_ref(text: str) -> int | str:
 @click.option("--where", multiple=True, metavar="COND",
               help="Keep only cases where FIELD=VALUE[,VALUE...] or FIELD op VALUE, op one of != < <= > >= (repeatable).")
 @click.option("--exclude", multiple=True, metavar="COND", help="Leave out cases matching COND, e.g. patient=10310 (repeatable).")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained visual report: photos, attention heatmaps, grades (opens offline).")
+@click.option("--png", "png_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write each query and its cases as a PNG (several queries: NAME-1.png, NAME-2.png, ...).")
 @model_option
 @check_option
 @json_option
 @handle_errors
-def search(images, index_dir, k, where, exclude, runtime, no_check, as_json) -> None:
+def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_check, as_json) -> None:
     """Find the cases most similar to each photo.
 
     Values compare by type: numbers as numbers (as label CSVs store them), text as text. A
     field that no case has is an error naming the fields the index knows. A photo that the
     input gate judges not to be a colour fundus photograph gets no neighbours (named on
-    stderr, exit status 1); an ungradable one gets them with a warning.
+    stderr, exit status 1); an ungradable one gets them with a warning. --html and --png show
+    the photos with the model's attention heatmaps (they need a model with the attention
+    output, as the bundled one).
 
     \b
     Example:
       fundus-sdk search new_photo.jpg --index cases/ -k 5 --where grade=2,3 --exclude patient=10310
+      fundus-sdk search new_photo.jpg --index cases/ --html report.html
     """
     try:
         filters, leave_out = conditions_to_where(where), conditions_to_where(exclude)
@@ -584,6 +592,9 @@ def search(images, index_dir, k, where, exclude, runtime, no_check, as_json) -> 
     failures = 0
     results = []
     with runtime.open(index_dir, read_only=True) as ix:
+        if (html_out or png_out) and not ix.model.explains:
+            raise ModelError(f"{ix.model.path}: this model has no attention output, which --html/--png show; "
+                             f"add it with `python -m export.explain {ix.model.path}`")  # fmt: skip
         if filters or leave_out:
             try:
                 compile_filter(filters, leave_out, ix.fields())  # an unknown field fails here, before any embedding
@@ -602,6 +613,8 @@ def search(images, index_dir, k, where, exclude, runtime, no_check, as_json) -> 
                 continue
             hits = ix.search(vecs[0], k=k, where=filters or None, exclude=leave_out or None)
             results.append((image, verdicts[0], hits))
+        if (html_out or png_out) and results:
+            write_reports(Report.build(ix, [(q, hits) for q, _, hits in results]), html_out, png_out)
     if as_json:
         click.echo(json.dumps([
             {"query": q, "verdict": v.to_dict() if v else None, "hits": [h.to_dict() for h in hits]} for q, v, hits in results
@@ -611,6 +624,17 @@ def search(images, index_dir, k, where, exclude, runtime, no_check, as_json) -> 
             click.echo(format_hits(query, hits))
     if failures:
         sys.exit(Exit.PARTIAL)
+
+
+def write_reports(report: Report, html_out: Path | None, png_out: Path | None) -> None:
+    """The --html file and the --png picture(s) of `search`, each named on stderr."""
+    if html_out:
+        click.echo(f"wrote {report.write_html(html_out)}", err=True)
+    if png_out:
+        many = len(report.queries) > 1
+        for i in range(len(report.queries)):
+            target = png_out.with_name(f"{png_out.stem}-{i + 1}{png_out.suffix or '.png'}") if many else png_out
+            click.echo(f"wrote {report.write_png(target, i)}", err=True)
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:

@@ -2,7 +2,10 @@
 
 The exporter (export/) writes these; the runtime (fundus_sdk.model) reads them. A model file is
 one ONNX graph: input `image`, uint8 (batch, size, size, 3) RGB as produced by
-`fundus_sdk.preprocess.Preprocess`; output `embedding`, float32 (batch, dim), unit L2 norm.
+`fundus_sdk.preprocess.Preprocess`; output `embedding`, float32 (batch, dim), unit L2 norm;
+optionally a second output `attention`, float32 (batch, side, side): the mirror-attention map on
+the last feature map's grid, each map summing to 1 (models without mirror attention lack it, and
+the runtime asks a model's session which outputs it has).
 Every metadata value is a string (ONNX metadata_props); structured values are JSON.
 """
 
@@ -10,6 +13,7 @@ FORMAT_VERSION = "1"
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
+ATTENTION_NAME = "attention"  # optional
 
 # metadata_props keys
 FORMAT = "fundus_sdk.format"  # FORMAT_VERSION

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from . import contract
 from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
+from .explain import Explanation
 from .gate import CALIBRATION_KEY, Gate, Verdict
 from .inputs import Decoded, ImageInput
 from .preprocess import Prepared, Preprocess
@@ -25,6 +26,7 @@ from .weights import WeightsError
 from .weights import fingerprint as weights_fingerprint
 
 log = logging.getLogger(__name__)
+OUTPUTS = ([contract.OUTPUT_NAME], [contract.OUTPUT_NAME, contract.ATTENTION_NAME])  # what a model may output
 DEFAULT_MODEL = "default.onnx"
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
 
@@ -122,8 +124,11 @@ class Model:
         if missing:
             raise ModelError(f"{path}: not a fundus-sdk model (metadata lacks {', '.join(missing)})")
         names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
-        if names != ([contract.INPUT_NAME], [contract.OUTPUT_NAME]):
-            raise ModelError(f"{path}: expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r}, got {names}")
+        if names[0] != [contract.INPUT_NAME] or names[1] not in OUTPUTS:
+            raise ModelError(
+                f"{path}: expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r} "
+                f"(optionally {contract.ATTENTION_NAME!r}), got {names}"
+            )
         try:
             preprocess = Preprocess.from_metadata(meta)
         except (KeyError, ValueError) as exc:
@@ -156,6 +161,11 @@ class Model:
     def providers(self) -> list[str]:
         """The ONNX Runtime execution providers the session runs on."""
         return self.session.get_providers()
+
+    @property
+    def explains(self) -> bool:
+        """Whether the graph also outputs the mirror-attention map (see `explain`)."""
+        return contract.ATTENTION_NAME in (o.name for o in self.session.get_outputs())
 
     def metrics(self) -> dict:
         """The evaluation metrics recorded in the model (empty if none)."""
@@ -229,6 +239,28 @@ class Model:
             out[batch.positions] = batch.vectors
         return out
 
+    def explain(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16) -> list[Explanation]:
+        """Each input's descriptor, input-gate verdict and mirror-attention heatmap on its photo.
+
+        For showing why cases were retrieved (fundus_sdk.report). ModelError if the model has no
+        attention output (`explains`); an input that cannot be read raises its ImageError.
+        """
+        if not self.explains:
+            raise ModelError(
+                f"{self.path}: this model has no attention output; add it with `python -m export.explain {self.path}`"
+            )
+        items = as_list(images)
+        out: list[Explanation] = []
+        for start in range(0, len(items), batch_size):
+            loaded = [self.preprocess.load(item) for item in items[start : start + batch_size]]
+            vectors, maps = self.session.run(
+                [contract.OUTPUT_NAME, contract.ATTENTION_NAME], {contract.INPUT_NAME: np.stack([p.pixels for p, _ in loaded])}
+            )
+            for (prepared, decoded), vector, attention in zip(loaded, vectors, maps):
+                verdict = self.gate.judge(vector, prepared.signals, self.preprocess.size // 2) if self.gate else None
+                out.append(Explanation(decoded.name, vector, attention, prepared.fov, prepared.box, decoded.image, verdict))
+        return out
+
     def check(
         self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16, on_error: OnError = "raise"
     ) -> list[Verdict | None]:
@@ -275,7 +307,7 @@ def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str],
             f"{path}: the weights do not match the fingerprint in the metadata ({actual[:12]} vs "
             f"{meta[contract.FINGERPRINT][:12]}): the file was changed after export, or its metadata copied from another model"
         )
-    (shape_in,), (shape_out,) = [i.shape for i in session.get_inputs()], [o.shape for o in session.get_outputs()]
+    (shape_in,), shape_out = [i.shape for i in session.get_inputs()], session.get_outputs()[0].shape
     size, dim = int(meta[contract.INPUT_SIZE]), int(meta[contract.DIM])
     if shape_out[-1] != dim:
         raise ModelError(f"{path}: the metadata says dimension {dim}, the graph outputs {shape_out[-1]}")

@@ -70,6 +70,7 @@ class Prepared:
     box: Box  # the field of view's crop box (left, top, right, bottom) in the decoded photo
     decoded_size: tuple[int, int]  # (width, height) of the decoded photo (JPEGs: at draft scale)
     signals: Signals  # what the input gate needs to know of the photo (fundus_sdk.gate)
+    fov: np.ndarray  # bool (size, size): the field of view in `pixels`
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ class Preprocess:
         """Crop, resize and normalise a decoded input; ImageError if the maths fails on it."""
         try:
             box = fov_box(decoded.image)
-            pixels, signals = self._process(decoded.image, box)
-            return Prepared(pixels, box, decoded.image.size, signals)
+            pixels, signals, mask = self._process(decoded.image, box)
+            return Prepared(pixels, box, decoded.image.size, signals, mask)
         except Exception as exc:  # a PIL/numpy failure deep in a malformed image
             raise ImageError(decoded.name, f"cannot process image ({exc})") from exc
 
@@ -116,7 +117,7 @@ class Preprocess:
         """Crop, resize and normalise an already decoded RGB image."""
         return self._process(pil, fov_box(pil))[0]
 
-    def _process(self, pil: Image.Image, box: Box) -> tuple[np.ndarray, Signals]:
+    def _process(self, pil: Image.Image, box: Box) -> tuple[np.ndarray, Signals, np.ndarray]:
         fov = pil if box == (0, 0, *pil.size) else pil.crop(box)
         if self.detail_size and max(fov.size) > self.detail_size:
             fov = fov.resize((self.detail_size, self.detail_size), Image.BICUBIC)
@@ -125,7 +126,7 @@ class Preprocess:
         signals = measure(square, mask, box)
         if self.steps.equalise:
             square = equalise_channels(square, mask)
-        return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask), signals
+        return local_contrast_normalise(square, self.lcn_sigma * self.size, self.lcn_gain, mask), signals, mask
 
     def to_metadata(self) -> dict[str, str]:
         """The parameters as model metadata entries (`preprocess.*`)."""

@@ -2,7 +2,8 @@
 
 Two models: a tiny randomly initialised one (timm test_efficientnet, 128 px) and the real
 EfficientNet-Lite0 with its ImageNet weights. Both get a non-zero attention output projection
-(training starts it at zero, which would leave the attention out of every check).
+(training starts it at zero, which would leave the attention out of every check); the tiny one's
+query and key projections are sharpened, so that its attention maps are not uniform either.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def trained_like(config: ModelConfig, pretrained: bool) -> FundusNet:
     net = FundusNet(config, pretrained=pretrained)
     for conv in net.attention.out.values():
         conv.reset_parameters()
+    if not pretrained:  # random features attend almost uniformly: sharpen, so that maps differ
+        with torch.no_grad():
+            for bn in (net.attention.key[1], *(q[1] for q in net.attention.query.values())):
+                bn.weight.fill_(300.0)
     return net.eval()
 
 
@@ -123,17 +128,30 @@ def test_onnx_matches_torch_per_image_on_photos(which, request, photos):
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     pp = Preprocess.from_metadata(sess.get_modelmeta().custom_metadata_map)
     x = np.stack([pp(f) for f in photos])
+    module = torch_module(ckpt)
     with torch.no_grad():
-        expected = torch_module(ckpt)(torch.from_numpy(x)).numpy()
-    got = sess.run(None, {"image": x})[0]
+        expected = module(torch.from_numpy(x)).numpy()
+        expected_maps = module.attention_map(torch.from_numpy(x)).numpy()
+    got, maps = sess.run(["embedding", "attention"], {"image": x})
     assert got.dtype == np.float32 and got.shape == expected.shape
     assert cosine(got, expected).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # the optional second output: the mirror-attention map, as torch computes it (training/model.py)
+    assert maps.shape == expected_maps.shape == (len(photos), *[ckpt_side(ckpt)] * 2)
+    np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
+    np.testing.assert_allclose(maps.reshape(len(maps), -1).sum(axis=1), 1.0, atol=1e-5)
+    assert maps.max() > 1.1 / maps[0].size and np.abs(maps[0] - maps[1]).max() > 1e-3  # not uniform, not all alike
+
+
+def ckpt_side(ckpt: Path) -> int:
+    """The feature map's side for a checkpoint's input size (the backbones here stride 32)."""
+    return torch.load(ckpt, weights_only=True)["model_config"]["input_size"] // 32
 
 
 def test_dynamic_batch_1_and_7(tiny, photos):
     sess = ort.InferenceSession(str(tiny[1].path), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    (inp,), (out, maps) = sess.get_inputs(), sess.get_outputs()
+    assert (maps.name, maps.type, maps.shape[1:]) == ("attention", "tensor(float)", [4, 4])
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [128, 128, 3])
     assert (out.name, out.type, out.shape[1]) == ("embedding", "tensor(float)", 32)
     assert isinstance(inp.shape[0], str) and inp.shape[0] == out.shape[0]
@@ -193,7 +211,10 @@ def test_optimised_graph_is_smaller_with_plain_attention(which, request):
     assert report.nodes_shipped["MatMul"] == 4 and report.nodes_shipped["Softmax"] == 2
     assert not attention_shape_ops(model)
     assert all(":" not in op for op in report.nodes_shipped)  # standard ONNX ops only: portable
-    assert "Constant" not in report.nodes_shipped  # every weight is an initializer, so fingerprinted
+    # every weight is an initializer, so fingerprinted; the only constants are the attention map's
+    # axes, 0.5 and shape (export/attention.py), on a branch the descriptor does not read
+    assert sorted(n.output[0] for n in model.graph.node if n.op_type == "Constant") == [
+        "attention_axes", "attention_half", "attention_shape"]  # fmt: skip
     assert all(not n.metadata_props for n in model.graph.node)  # no stack traces with local paths
 
 
@@ -216,7 +237,7 @@ def test_cli_exports_fp16_with_float32_io(tiny, tmp_path, photos, capsys):
     assert "graph nodes by op type" in printed and "model.precision = fp16" in printed and "cosine min" in printed
     model = onnx.load(out)
     assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.UINT8]
-    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [onnx.TensorProto.FLOAT] * 2
     weights = [t for t in model.graph.initializer if t.data_type != onnx.TensorProto.INT64 and np.prod(t.dims) > 16]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert out.stat().st_size < 0.6 * fp32.path.stat().st_size

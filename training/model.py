@@ -67,17 +67,31 @@ class MirrorAttention(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
+    def maps(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """S_m per view: (B, N, N), row i = where mirrored position i looks in the original map."""
+        key = self.key(a).flatten(2)  # B, d, N
+        return {
+            m: torch.softmax(self.query[m](views[m]).flatten(2).transpose(1, 2) @ key * self.scale, dim=-1)
+            for m in "hv"
+        }
+
     def forward(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         b, c, h, w = a.shape
-        key = self.key(a).flatten(2)  # B, d, N
         outputs = []
-        for m in "hv":
-            query = self.query[m](views[m]).flatten(2)  # B, d, N
+        for m, attn in self.maps(a, views).items():
             value = self.value[m](a).flatten(2)  # B, d, N
-            attn = torch.softmax(query.transpose(1, 2) @ key * self.scale, dim=-1)  # B, N, N
             agg = (value @ attn.transpose(1, 2)).reshape(b, -1, h, w)
             outputs.append(a + self.out[m](agg))
         return outputs
+
+    def received(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, h, w): the share of the attention each original position receives, averaged over
+        the mirrored positions and the two views (each map sums to 1). The runtime shows it as
+        the heatmap of where the descriptor's evidence came from; export/attention.py builds the
+        same quantity inside the ONNX graph."""
+        b, _, h, w = a.shape
+        maps = self.maps(a, views)
+        return ((maps["h"].mean(dim=1) + maps["v"].mean(dim=1)) * 0.5).reshape(b, h, w)
 
 
 class GeM(nn.Module):
@@ -150,16 +164,26 @@ class FundusNet(nn.Module):
         nothing frozen that is exactly flipping the image); feature mirroring flips the tail's
         output. The agreement (cosine of the two pooled views) feeds the fine triplet loss.
         """
-        mode = self.config.mirroring
-        if mode == "image":
+        a, views = self.views(h)
+        if self.attention is None:
+            return self.pool(a), None
+        ph, pv = (self.pool(y) for y in self.attention(a, views))
+        return torch.cat([ph, pv], dim=1), F.cosine_similarity(ph, pv, dim=1)
+
+    def views(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Trunk output -> (last feature map A, its mirrored views {"h": F_h, "v": F_v})."""
+        if self.config.mirroring == "image":
             a, fh, fv = self.tail(torch.cat([h, h.flip(3), h.flip(2)], dim=0)).chunk(3, dim=0)
         else:
             a = self.tail(h)
             fh, fv = a.flip(3), a.flip(2)
+        return a, {"h": fh, "v": fv}
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> (B, h, w) mirror-attention map (MirrorAttention.received)."""
         if self.attention is None:
-            return self.pool(a), None
-        ph, pv = (self.pool(y) for y in self.attention(a, {"h": fh, "v": fv}))
-        return torch.cat([ph, pv], dim=1), F.cosine_similarity(ph, pv, dim=1)
+            raise ValueError("a model without mirror attention has no attention map")
+        return self.attention.received(*self.views(self.trunk(x)))
 
     def embed_trunk(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Trunk output -> (unit descriptors, per-image agreement of the two views or None)."""
@@ -201,3 +225,7 @@ class ExportModule(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(self.net.normalise(image))
+
+    def attention_map(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC RGB -> (B, h, w) mirror-attention map, the graph's optional second output."""
+        return self.net.attention_map(self.net.normalise(image))

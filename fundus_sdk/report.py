@@ -1,0 +1,309 @@
+"""What a clinician looks at: each query photo beside its most similar cases, with the heatmaps.
+
+`report(queries, index)` searches, then explains (fundus_sdk.explain) each query and each
+retrieved case. The result writes as one self-contained HTML file (`Report.write_html`: every
+image inline, a content-security policy that forbids any request, so it opens offline on a
+hospital PC) or as a PNG of one query and its neighbours for a clinical note (`write_png`).
+Both carry the model's name and version and the line DISCLAIMER. Patient identifiers appear
+only where the index's metadata holds them, i.e. where whoever built the index kept them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import write_atomically
+from .errors import ImageError
+from .explain import Explanation
+from .filters import Where
+from .index import FILE_MODE, Hit, Index, photo_of
+from .inputs import ImageInput
+from .model import Model, as_list
+
+DISCLAIMER = "A retrieval aid, not a diagnostic device."
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # nothing leaves the file
+HIDDEN = ("gradability",)  # metadata shown otherwise (the score, the gate) or internal
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One retrieved case and its explanation (None, with the reason, when its photo cannot be read here)."""
+
+    hit: Hit
+    explanation: Explanation | None
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class QueryReport:
+    """One query: its explanation and its neighbours, best first."""
+
+    query: Explanation
+    neighbours: list[Neighbour]
+
+    def grade_shares(self) -> dict[int, float]:
+        """Share of each grade among the graded neighbours."""
+        grades = Counter(n.hit.grade for n in self.neighbours if n.hit.grade is not None)
+        total = sum(grades.values())
+        return {g: c / total for g, c in sorted(grades.items())} if total else {}
+
+
+@dataclass(frozen=True)
+class Report:
+    """A search, explained: what `report` returns; write it with `write_html` or `write_png`."""
+
+    model: str  # name and version
+    index: str  # the index's path
+    cases: int
+    priors: dict[int, float]  # share of each grade among the index's graded cases
+    queries: list[QueryReport]
+    created: str
+
+    @classmethod
+    def build(cls, index: Index, results: Sequence[tuple[ImageInput, list[Hit]]]) -> "Report":
+        """Explain queries whose neighbours were already found (`Index.search`) in `index`."""
+        model = index.model
+        info = index.info()
+        graded = {int(g): n for g, n in info["grades"].items() if g != "none"}
+        total = sum(graded.values())
+        out = []
+        for query, hits in results:
+            (explained,) = model.explain([query])
+            out.append(QueryReport(explained, explain_cases(model, hits)))
+        return cls(
+            model.name, str(index.path), len(index), {g: n / total for g, n in graded.items()} if total else {}, out,
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        )  # fmt: skip
+
+    def to_html(self) -> str:
+        """The report as one HTML document (images inline as data: URIs)."""
+        body = "\n".join(self._query_html(q, i) for i, q in enumerate(self.queries, 1))
+        return PAGE.format(
+            csp=CSP, title=esc(f"fundus-sdk report: {len(self.queries)} {'query' if len(self.queries) == 1 else 'queries'}"),
+            disclaimer=esc(DISCLAIMER), model=esc(self.model), index=esc(self.index), cases=self.cases,
+            created=esc(self.created), style=STYLE, body=body,
+        )  # fmt: skip
+
+    def write_html(self, path: str | Path) -> Path:
+        """Write `to_html()` to `path` atomically, readable by its owner only (it names patients' photos)."""
+        path = Path(path)
+        with write_atomically(path, mode=FILE_MODE) as staging:
+            staging.write_text(self.to_html(), encoding="utf-8")
+        return path
+
+    def panel(self, i: int = 0) -> Image.Image:
+        """Query `i` and its neighbours as one picture: photo and heatmap, then each case's
+        heatmap with its rank, grade and score, the model and the disclaimer underneath."""
+        q = self.queries[i]
+        tile, pad, per_row, big = 220, 10, 5, 330
+        rows = max(1, -(-len(q.neighbours) // per_row))
+        width = pad + per_row * (tile + pad)
+        top = big + 3 * pad + 30
+        canvas = Image.new("RGB", (width, top + rows * (tile + 40 + pad) + 50), "white")
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=15)
+        draw.text((pad, pad), f"query: {short(q.query.name, 120)}", fill="black", font=font)
+        canvas.paste(square(q.query.photo, big), (pad, 30 + pad))
+        canvas.paste(square(q.query.overlay(), big), (2 * pad + big, 30 + pad))
+        side_text = [*textwrap.wrap(verdict_text(q.query), 50), "", "grade  top %d  index" % len(q.neighbours)]
+        shares = q.grade_shares()
+        side_text += [f"{g:>5}  {100 * shares.get(g, 0):>5.0f}%  {100 * self.priors.get(g, 0):>4.0f}%"
+                      for g in sorted(set(shares) | set(self.priors))]  # fmt: skip
+        draw.multiline_text((3 * pad + 2 * big, 30 + pad), "\n".join(side_text), fill="black", font=font, spacing=5)
+        for n, neighbour in enumerate(q.neighbours):
+            x, y = pad + (n % per_row) * (tile + pad), top + (n // per_row) * (tile + 40 + pad)
+            if neighbour.explanation is not None:
+                canvas.paste(square(neighbour.explanation.overlay(), tile), (x, y))
+            else:
+                draw.rectangle((x, y, x + tile, y + tile), outline="grey")
+                draw.text((x + 8, y + tile // 2), "photo not available", fill="grey", font=font)
+            h = neighbour.hit
+            draw.text((x, y + tile + 4), f"#{n + 1}  grade {grade_text(h.grade)}  score {h.score:.3f}", fill="black", font=font)
+            draw.text((x, y + tile + 22), short(Path(h.path or '').name, 28), fill="dimgrey", font=font)
+        draw.text((pad, canvas.height - 40), f"{self.model} · {self.created} · {DISCLAIMER}", fill="black", font=font)
+        return canvas
+
+    def write_png(self, path: str | Path, i: int = 0) -> Path:
+        """Write `panel(i)` as a PNG, atomically, readable by its owner only."""
+        path = Path(path)
+        with write_atomically(path, mode=FILE_MODE) as staging:
+            self.panel(i).save(staging, format="PNG")
+        return path
+
+    def _query_html(self, q: QueryReport, number: int) -> str:
+        shares = q.grade_shares()
+        grades = sorted(set(shares) | set(self.priors))
+        bars = "\n".join(
+            f'<tr><td>{g}</td><td><div class="bar top" style="width:{100 * shares.get(g, 0):.1f}%"></div>'
+            f'{100 * shares.get(g, 0):.0f}%</td><td><div class="bar prior" style="width:{100 * self.priors.get(g, 0):.1f}%">'
+            f"</div>{100 * self.priors.get(g, 0):.0f}%</td></tr>"
+            for g in grades
+        )
+        cards = "\n".join(case_html(rank, n) for rank, n in enumerate(q.neighbours, 1))
+        return QUERY.format(
+            number=number, name=esc(q.query.name), photo=data_uri(q.query.photo, 360), heat=data_uri(q.query.overlay(), 360),
+            verdict=esc(verdict_text(q.query)), k=len(q.neighbours), bars=bars, cards=cards,
+        )  # fmt: skip
+
+
+def explain_cases(model: Model, hits: list[Hit]) -> list[Neighbour]:
+    """Each hit with the explanation of its case's photo, read from where the index says it is."""
+    out = []
+    for hit in hits:
+        try:
+            if hit.path is None or not Path(hit.path).is_file():
+                raise ImageError(hit.path or f"case {hit.key}", "the photo is not at its indexed path")
+            (explained,) = model.explain([photo_of(hit)])
+            out.append(Neighbour(hit, explained))
+        except ImageError as err:
+            out.append(Neighbour(hit, None, err.reason))
+    return out
+
+
+def report(
+    queries: ImageInput | Sequence[ImageInput],
+    index: Index | str | Path,
+    *,
+    k: int = 10,
+    where: Where | None = None,
+    exclude: Where | None = None,
+    check: bool = True,
+) -> Report:
+    """Search `index` for each query image (as `Index.search`, gate included) and explain the results.
+
+    The index's model must have the attention output (`Model.explains`; the bundled one has).
+    """
+    if not isinstance(index, Index):
+        with Index.open(index, read_only=True) as ix:
+            return report(queries, ix, k=k, where=where, exclude=exclude, check=check)
+    items = as_list(queries)
+    return Report.build(index, [(q, index.search(q, k=k, where=where, exclude=exclude, check=check)) for q in items])
+
+
+# -- rendering helpers ----------------------------------------------------------------------------
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def short(text: str, n: int) -> str:
+    return text if len(text) <= n else "..." + text[-(n - 3) :]
+
+
+def grade_text(grade: int | None) -> str:
+    return "-" if grade is None else str(grade)
+
+
+def square(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled (up or down) to fit a side x side square, aspect kept, centred on black."""
+    scale = side / max(image.size)
+    fitted = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    out = Image.new("RGB", (side, side), "black")
+    out.paste(fitted, ((side - fitted.width) // 2, (side - fitted.height) // 2))
+    return out
+
+
+def data_uri(image: Image.Image, side: int) -> str:
+    """A JPEG of the image, at most side x side pixels, as a data: URI."""
+    fitted = image.convert("RGB")
+    fitted.thumbnail((side, side), Image.LANCZOS)
+    buf = io.BytesIO()
+    fitted.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def verdict_text(explained: Explanation) -> str:
+    v = explained.verdict
+    if v is None:
+        return "input gate: not checked (the model carries no calibration)"
+    state = ("a colour fundus photograph" if v.fundus else "NOT a colour fundus photograph") + (
+        ", gradable" if v.gradable else ", UNGRADABLE"
+    )
+    return f"input gate: {state} (fundus score {v.fundus_score:.2f}, gradability {v.gradability:.2f})" + (
+        "; " + "; ".join(v.reasons) if v.reasons else ""
+    )
+
+
+def case_html(rank: int, n: Neighbour) -> str:
+    h = n.hit
+    details = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in h.metadata.items() if k not in HIDDEN and k != "eye")
+    if n.explanation is not None:
+        pictures = (
+            f'<img class="case" alt="case {h.key} photo" src="{data_uri(n.explanation.photo, 200)}">'
+            f'<img class="case heat" alt="case {h.key} heatmap" src="{data_uri(n.explanation.overlay(), 200)}">'
+        )
+    else:
+        pictures = f'<div class="missing">photo not available: {esc(n.problem)}</div>'
+    return CARD.format(
+        rank=rank, pictures=pictures, grade=esc(grade_text(h.grade)), score=f"{h.score:.3f}",
+        eye=esc(h.metadata.get("eye", "-")), path=esc(h.path or "-"), key=h.key, details=details,
+    )  # fmt: skip
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+header { border-bottom: 2px solid #444; margin-bottom: 1em; }
+.disclaimer { font-weight: bold; color: #8a1c1c; }
+section.query { border-top: 1px solid #bbb; padding-top: 1em; margin-top: 1.5em; }
+.pair img { width: 360px; height: 360px; object-fit: contain; background: #000; margin-right: 8px; }
+.cases { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { border: 1px solid #ccc; padding: 6px; width: 404px; font-size: 0.9em; }
+.card img.case { width: 200px; height: 200px; object-fit: contain; background: #000; }
+.missing { height: 200px; display: flex; align-items: center; color: #888; }
+.path { color: #555; word-break: break-all; }
+table.grades td { padding: 1px 8px; width: 14em; }
+table.grades td:first-child { width: 3em; }
+.bar { display: inline-block; height: 0.8em; margin-right: 6px; vertical-align: middle; }
+.bar.top { background: #c2452d; } .bar.prior { background: #8a8a8a; }
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{csp}">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>Similar graded cases</h1>
+<p class="disclaimer">{disclaimer}</p>
+<p>Model <b>{model}</b> · index {index} ({cases} cases) · {created}</p>
+<p>Heatmaps: where the model's mirror attention fell inside the field of view (bright = more).</p>
+</header>
+{body}
+</body>
+</html>
+"""
+
+QUERY = """<section class="query">
+<h2>Query {number}: <span class="path">{name}</span></h2>
+<div class="pair"><img class="query" alt="query photo" src="{photo}"><img class="query heat" alt="query heatmap" src="{heat}"></div>
+<p class="verdict">{verdict}</p>
+<table class="grades"><tr><th>grade</th><th>top {k}</th><th>index</th></tr>
+{bars}
+</table>
+<div class="cases">
+{cards}
+</div>
+</section>"""
+
+CARD = """<div class="card">
+<div>{pictures}</div>
+<div><b>#{rank}</b> · grade <b>{grade}</b> · score {score} · eye {eye} · case {key}</div>
+<div class="path">{path}</div>
+<div class="details">{details}</div>
+</div>"""
