@@ -149,7 +149,7 @@ class Report:
             f'{100 * shares.get(g, 0):.0f}%</td><td><div class="bar prior" style="width:{100 * self.priors.get(g, 0):.1f}%">'
             f"</div>{100 * self.priors.get(g, 0):.0f}%</td></tr>"
             for g in grades
-        )
+        ) or '<tr><td colspan="3">no graded cases</td></tr>'
         cards = "\n".join(case_html(rank, n) for rank, n in enumerate(q.neighbours, 1))
         return QUERY.format(
             number=number, name=esc(q.query.name), photo=data_uri(q.query.photo, 360), heat=data_uri(q.query.overlay(), 360),
@@ -259,9 +259,9 @@ header { border-bottom: 2px solid #444; margin-bottom: 1em; }
 section.query { border-top: 1px solid #bbb; padding-top: 1em; margin-top: 1.5em; }
 .pair img { width: 360px; height: 360px; object-fit: contain; background: #000; margin-right: 8px; }
 .cases { display: flex; flex-wrap: wrap; gap: 12px; }
-.card { border: 1px solid #ccc; padding: 6px; width: 404px; font-size: 0.9em; }
-.card img.case { width: 200px; height: 200px; object-fit: contain; background: #000; }
-.missing { height: 200px; display: flex; align-items: center; color: #888; }
+.card { border: 1px solid #ccc; padding: 6px; width: 368px; font-size: 0.9em; }
+.card img.case { width: 180px; height: 180px; object-fit: contain; background: #000; }
+.missing { height: 180px; display: flex; align-items: center; color: #888; }
 .path { color: #555; word-break: break-all; }
 table.grades td { padding: 1px 8px; width: 14em; }
 table.grades td:first-child { width: 3em; }
