@@ -8,6 +8,7 @@ mismatch, ...); 130 interrupted (an index keeps its last committed state).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 import time
@@ -24,11 +25,11 @@ import numpy as np
 
 from . import __version__, contract, metrics
 from .dicom import Frame, expand_frames
-from .embeddings import FORMATS, Embeddings, file_format, read_embeddings, write_embeddings
+from .embeddings import FORMATS, Embeddings, file_format, is_embeddings, read_embeddings, write_embeddings
 from .errors import Exit, FundusError, ImageError, ModelError
 from .evaluation import evaluate_index
 from .filters import FilterError, compile_filter, conditions_to_where
-from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning
+from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning, Verdict
 from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
 from .labels import match_labels, parse_value, read_labels
@@ -155,18 +156,23 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", default="embeddings.npz", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Where to write the vectors: a .npz or .jsonl file, or - for stdout.")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("-o", "--output", default="embeddings.npz", show_default=True,
+              help="Where to write the vectors: a .npz or .jsonl file, or - for stdout; with --ray a folder (or URI) for Parquet shards.")
 @click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default=None,
               help="Output format, where the name does not say it (stdout: jsonl unless npz is asked for).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray cluster (the ray extra): alone, one started on this machine; or an address "
+              "(auto, ray://head:10001). PATHS may be URIs such as s3://bucket/photos.")
+@click.option("--actors", type=click.IntRange(1, 100_000), default=None,
+              help="With --ray: model actors (default: one per --threads CPUs of the cluster, less one).")
 @recursive_option
 @batch_option
 @model_option
 @check_option
 @quiet_option
 @handle_errors
-def embed(paths, output, fmt, recursive, batch_size, runtime, no_check, quiet) -> None:
+def embed(paths, output, fmt, ray_address, actors, recursive, batch_size, runtime, no_check, quiet) -> None:
     """Embed every image in the files and folders given.
 
     Writes one unit-norm vector per readable image, with its path and content hash (sha256),
@@ -174,10 +180,23 @@ def embed(paths, output, fmt, recursive, batch_size, runtime, no_check, quiet) -
     gate's verdicts) or JSON lines. Unreadable images, and pictures the input gate judges not to
     be colour fundus photographs, are named on stderr with the reason and skipped (exit status 1).
 
+    With --ray, Ray Data reads, decodes and embeds the photos (folders recursively) and OUTPUT is
+    a folder of Parquet shards: one row per photo with path, sha256, vector, verdict and error,
+    the model's fingerprint in each file. A re-run embeds only what the folder lacks; `index add`
+    reads the folder.
+
     \b
-    Example:
+    Examples:
       fundus-sdk embed photos/ -o photos.npz
+      fundus-sdk embed --ray auto s3://archive/fundus/ -o s3://archive/vectors/
     """
+    if ray_address is not None and not RAY_ADDRESS.match(ray_address):  # `--ray photos/`: a path, no address
+        paths, ray_address = (ray_address, *paths), "local"
+    if not paths:
+        raise click.UsageError("Missing argument 'PATHS...': the photos (files or folders) to embed.")
+    if ray_address is not None:
+        embed_ray(paths, output, ray_address, actors, batch_size, runtime, no_check, quiet)
+        return
     fmt = output_format(output, fmt)
     files, missing = gather(paths, recursive)
     model = runtime.load()
@@ -209,6 +228,33 @@ def embed(paths, output, fmt, recursive, batch_size, runtime, no_check, quiet) -
         err=output == "-",  # stdout carries the vectors
     )
     if failures:
+        sys.exit(Exit.PARTIAL)
+
+
+RAY_ADDRESS = re.compile(r"^(local|auto|ray://\S+|[\w.-]+:\d+)$")  # what --ray takes as a cluster address
+
+
+def embed_ray(paths, output, address, actors, batch_size, runtime: Runtime, no_check: bool, quiet: bool) -> None:
+    """`embed --ray`: the archive on a Ray cluster, into Parquet shards (fundus_sdk.cluster)."""
+    from .cluster import embed_on_ray, read_shards
+
+    if output == "-" or Path(output).suffix.lower() in FORMATS:
+        raise click.BadParameter("with --ray, OUTPUT is a folder (or URI) for Parquet shards", param_hint="-o")
+    if quiet:
+        import ray
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    report = embed_on_ray(
+        list(paths), output, model=runtime.path, address=address, actors=actors, threads=runtime.threads or 1,
+        providers=list(runtime.providers) or None, batch_size=batch_size, check=not no_check,
+    )  # fmt: skip
+    click.echo(
+        f"embedded {report.embedded} photos on Ray ({report.failed} failed, {report.skipped} already in {output}) "
+        f"in {report.seconds:.0f} s, {report.embedded / max(report.seconds, 1e-9):.1f} photos/s -> {output}"
+    )
+    if report.failed:
+        shards = read_shards(str(output))
+        click.echo(f"{len(shards.failed)} photos in {output} have an error row (see its `error` column)", err=True)
         sys.exit(Exit.PARTIAL)
 
 
@@ -309,18 +355,27 @@ def index_add(
     on_conflict = "update" if update else conflict
     with ix:
         before = len(ix)
-        for file in (p for p in paths if Path(p).suffix.lower() in FORMATS):
+        for file in (p for p in paths if is_embeddings(p)):
             data = read_embeddings(file)
+            for path, reason in data.failed:  # rows of `embed --ray` without a vector
+                failed(ImageError(path, reason))
             files = [Path(p) for p in data.paths]
             keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed)
+            if data.metadata is not None:  # DICOM headers read by `embed --ray`
+                meta = [{**h, **(m or {})} for h, m in zip(data.metadata, meta)]
             if data.verdicts is not None:  # checked by `embed`: keep the gradability it measured
                 meta = [gradability_of(m, v) for m, v in zip(meta, data.verdicts)]
+                if not no_check:
+                    refused = {i for i, v in enumerate(data.verdicts) if v is not None and not v["fundus"]}
+                    for i in sorted(refused & set(keep)):
+                        failed(NotFundusError(data.paths[i], Verdict.from_dict(data.verdicts[i])))
+                    keep = [i for i in keep if i not in refused]
             ix.add(
                 data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
                 hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
                 on_conflict=on_conflict,
             )  # fmt: skip
-        photos = [p for p in paths if Path(p).suffix.lower() not in FORMATS]
+        photos = [p for p in paths if not is_embeddings(p)]
         files, missing = gather(photos, recursive) if photos else ([], [])
         failures += len(missing)  # named on stderr by gather
         if files:

@@ -1,19 +1,23 @@
 """Embedding files: the vectors `fundus-sdk embed` writes and `index add` reads back.
 
-Two formats, named by the file's suffix (a name that says neither is refused):
+Three formats, named by the file's suffix (a name that says neither is refused):
 - `.npz`: arrays `vectors` (n, dim) float32, `paths`, `sha256`, and the model's
   `model_fingerprint` and `model_name`, plus `verdicts` (the input gate's, JSON text per row)
   when the photos were checked;
 - `.jsonl`: one JSON object per line with path, sha256, model_fingerprint, vector and, when
   checked, verdict.
-Both carry the model's fingerprint, so an index refuses vectors from another model.
+- Parquet shards, a folder of them or one `.parquet` file, as `fundus-sdk embed --ray` writes
+  them (fundus_sdk.cluster; reading them needs pyarrow, in the ray extra): one row per photo
+  with path, sha256, vector, verdict, DICOM metadata and error, the model's fingerprint in the
+  schema metadata. Rows with an error are read into `failed`.
+All carry the model's fingerprint, so an index refuses vectors from another model.
 """
 
 from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,7 +26,9 @@ import numpy as np
 from .atomic import write_atomically
 from .errors import FundusError
 
-FORMATS = {".npz": "npz", ".jsonl": "jsonl"}
+FORMATS = {".npz": "npz", ".jsonl": "jsonl"}  # what `embed` writes
+SHARD_FINGERPRINT = b"fundus_sdk.model_fingerprint"  # Parquet schema metadata of a shard
+SHARD_MODEL = b"fundus_sdk.model_name"
 
 
 class EmbeddingFileError(FundusError):
@@ -39,6 +45,8 @@ class Embeddings:
     model_fingerprint: str
     model_name: str = ""
     verdicts: list[dict[str, Any] | None] | None = None  # the input gate's (Verdict.to_dict), when checked
+    metadata: list[dict[str, Any]] | None = None  # per row, from DICOM headers (Parquet shards only)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of photos without a vector
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,15 +104,62 @@ def write_embeddings(path: str | Path | BinaryIO, embeddings: Embeddings, fmt: s
     return path
 
 
+def is_embeddings(path: str | Path) -> bool:
+    """Whether `path` names vectors rather than photos: an .npz, .jsonl or .parquet file, or a
+    folder of Parquet shards."""
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob("*.parquet"))
+    return path.suffix.lower() in (*FORMATS, ".parquet")
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
-    """Read an embedding file written by `write_embeddings`; EmbeddingFileError names what is wrong."""
+    """Read an embedding file written by `write_embeddings` (or `embed --ray`'s Parquet shards);
+    EmbeddingFileError names what is wrong."""
     path = Path(path)
     try:
+        if path.is_dir() or path.suffix.lower() == ".parquet":
+            return _read_parquet(path)
         return _read_npz(path) if file_format(path) == "npz" else _read_jsonl(path)
     except EmbeddingFileError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise EmbeddingFileError(f"{path}: not a readable embedding file ({exc})") from exc
+
+
+def _read_parquet(path: Path) -> Embeddings:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EmbeddingFileError(f"{path}: reading Parquet shards needs pyarrow: pip install 'fundus-sdk[ray]'") from None
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise EmbeddingFileError(f"{path}: no .parquet shards in this folder")
+    rows: dict[str, list] = {k: [] for k in ("path", "sha256", "vector", "verdict", "metadata", "error")}
+    models: dict[str, str] = {}
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except Exception as exc:  # pyarrow's own error types
+            raise EmbeddingFileError(f"{file}: not a readable Parquet shard ({exc})") from exc
+        meta = table.schema.metadata or {}
+        if SHARD_FINGERPRINT not in meta or set(rows) - set(table.column_names):
+            raise EmbeddingFileError(f"{file}: not a shard written by `fundus-sdk embed --ray`")
+        models[meta[SHARD_FINGERPRINT].decode()] = meta.get(SHARD_MODEL, b"").decode()
+        for k, v in table.select(list(rows)).to_pydict().items():
+            rows[k] += v
+    if len(models) > 1:
+        raise EmbeddingFileError(f"{path}: shards from {len(models)} different models")
+    (fingerprint, name), = models.items()
+    good = [i for i, e in enumerate(rows["error"]) if e is None]
+    verdicts = [json.loads(rows["verdict"][i]) if rows["verdict"][i] else None for i in good]
+    return Embeddings(
+        np.array([rows["vector"][i] for i in good], dtype=np.float32).reshape(len(good), -1),
+        [rows["path"][i] for i in good], [rows["sha256"][i] for i in good], fingerprint, name,
+        verdicts if any(v is not None for v in verdicts) else None,
+        [json.loads(rows["metadata"][i]) if rows["metadata"][i] else {} for i in good],
+        [(p, e) for p, e in zip(rows["path"], rows["error"]) if e is not None],
+    )  # fmt: skip
 
 
 def _read_npz(path: Path) -> Embeddings:

@@ -103,6 +103,11 @@ class Verdict:
         """The verdict as plain JSON-ready values."""
         return {**asdict(self), "reasons": list(self.reasons)}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Verdict":
+        """The verdict `to_dict` wrote (embedding files carry them)."""
+        return cls(**{**values, "reasons": tuple(values["reasons"])})
+
 
 class NotFundusError(ImageError):
     """The input gate judged an input not to be a colour fundus photograph."""
