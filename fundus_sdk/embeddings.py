@@ -118,7 +118,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
     EmbeddingFileError names what is wrong."""
     path = Path(path)
     try:
-        if path.is_dir() or path.suffix.lower() == ".parquet":
+        if path.suffix.lower() == ".parquet" or (path.is_dir() and path.suffix.lower() not in FORMATS):
             return _read_parquet(path)
         return _read_npz(path) if file_format(path) == "npz" else _read_jsonl(path)
     except EmbeddingFileError:

@@ -146,6 +146,14 @@ def test_cli_on_the_running_cluster_then_index_add(archive, tmp_path):
         assert hit.key == case.key and hit.score > 0.999  # the shard's vector is the photo's
 
 
+def test_a_parquet_file_of_something_else_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "other.parquet")
+    with pytest.raises(fundus_sdk.embeddings.EmbeddingFileError, match="other.parquet: not a shard written by"):
+        fundus_sdk.read_embeddings(tmp_path)
+
+
 def test_listing(archive):
     found = list_photos(str(archive))
     assert len(found) == 14 and all(not f.endswith(".txt") for f in found)
