@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,8 +231,6 @@ def embed_on_ray(
     threads, on a GPU when `providers` asks for CUDA. A re-run embeds only photos not yet in
     `out_dir`; shards of another model there are an error (ClusterError).
     """
-    import time
-
     ray = _ray()
     started = time.perf_counter()
     m = load_model(model, "cpu")  # the driver reads the model's identity; the actors run it
