@@ -7,7 +7,7 @@ command, so that photos/s per core measured here sizes a cluster. Measured, in o
 - the same through Ray, cold: a subprocess that starts a local Ray instance, lists, reads,
   decodes (tasks) and embeds (actors) the photos and writes Parquet shards;
 - through Ray, warm: `embed_on_ray` in this process on a cluster already up (what each job on
-  a standing cluster pays), with 1 and with `--threads` ONNX Runtime threads per actor.
+  a standing cluster pays): one-thread actors on all CPUs but one (the rest reads and decodes).
 Ratios are photos/s against the plain command's. The photos are symlinked from ../shared.
 
     python -m benchmarks.ray_embed [--images 256]
@@ -39,10 +39,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def timed(cmd: list[str]) -> float:
-    """Wall seconds of a command run to completion; exits with its stderr if it fails."""
+    """Wall seconds of a command run to completion; exits with its stderr if it fails (exit 1,
+    a photo the input gate refused, is not a failure: both paths judge every photo)."""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
+    if done.returncode not in (0, 1):
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - start
 
@@ -66,17 +67,17 @@ def main() -> None:
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         warm = {}
-        for threads, actors in ((1, max(1, cores - 1)), (cores, 1)):
-            out = Path(tmp) / f"warm-{threads}"
-            report = embed_on_ray(folder, out, threads=threads, actors=actors)
+        for repeat in range(2):
+            out = Path(tmp) / f"warm-{repeat}"
+            report = embed_on_ray(folder, out, threads=1, actors=max(1, cores - 1))
             assert report.embedded == n and report.failed == 0, report
-            warm[(threads, actors)] = report.seconds
+            warm[(1, max(1, cores - 1), repeat)] = report.seconds
             shutil.rmtree(out)
         ray.shutdown()
     rows = [["fundus-sdk embed (plain, subprocess)", f"{plain:.1f}", f"{n / plain:.1f}", f"{n / plain / cores:.2f}", "1.00x"],
             ["fundus-sdk embed --ray (local Ray, cold)", f"{cold:.1f}", f"{n / cold:.1f}", f"{n / cold / cores:.2f}", ratio(plain, cold)]]  # fmt: skip
-    for (threads, actors), s in warm.items():
-        rows.append([f"embed_on_ray, warm: {actors} actor(s) x {threads} thread(s)", f"{s:.1f}", f"{n / s:.1f}",
+    for (threads, actors, repeat), s in warm.items():
+        rows.append([f"embed_on_ray, warm (run {repeat + 1}): {actors} actor(s) x {threads} thread", f"{s:.1f}", f"{n / s:.1f}",
                      f"{n / s / cores:.2f}", ratio(plain, s)])  # fmt: skip
     print(f"{n} photos, {cores} cores; ratio = photos/s against the plain command (higher is better)\n")
     print(format_table(["path", "seconds", "photos/s", "photos/s/core", "vs plain"], rows))

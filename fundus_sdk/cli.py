@@ -8,6 +8,7 @@ mismatch, ...); 130 interrupted (an index keeps its last committed state).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import sys
@@ -244,6 +245,7 @@ def embed_ray(paths, output, address, actors, batch_size, runtime: Runtime, no_c
         import ray
 
         ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray").setLevel(logging.WARNING)
     report = embed_on_ray(
         list(paths), output, model=runtime.path, address=address, actors=actors, threads=runtime.threads or 1,
         providers=list(runtime.providers) or None, batch_size=batch_size, check=not no_check,

@@ -253,13 +253,19 @@ def embed_on_ray(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     pool = actors or (max(1, gpus) if gpu else max(1, (cpus - 1) // threads))
+    if not gpu and pool * threads >= cpus:
+        raise ClusterError(
+            f"{pool} actor(s) x {threads} thread(s) take all {cpus} CPUs of the cluster and leave none for reading and "
+            "decoding the photos: ask for fewer actors or threads"
+        )
     ds = ray.data.read_binary_files(todo, include_paths=True)
     # decoding runs in tasks (retried when their worker dies; the distinct remote args also keep
     # Ray from fusing them into the model actors), embedding in the actor pool
     ds = ds.map_batches(_prepare, fn_kwargs={"preprocess": m.preprocess}, batch_size=batch_size, num_cpus=1, max_retries=5)
     ds = ds.map_batches(
         _Embedder, fn_constructor_kwargs={"model_path": str(m.path), "providers": wanted, "threads": threads, "check": check},
-        batch_size=batch_size, concurrency=pool, num_cpus=0 if gpu else threads, num_gpus=1 if gpu else 0,
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=0 if gpu else threads,
+        num_gpus=1 if gpu else 0,
     )  # fmt: skip
     ds.write_parquet(str(out_dir), min_rows_per_file=rows_per_file)
     after = read_shards(str(out_dir))
