@@ -78,27 +78,36 @@ def test_vectors_equal_embed_and_bad_files_are_rows(archive, tmp_path):
 
 def test_a_killed_worker_is_retried_and_nothing_is_lost_or_doubled(archive, tmp_path):
     """Kill -9 the model actor's process mid-run: Ray restarts it and retries its batches."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for photo, _ in eyepacs_sample(40, split="train"):
+        (photos / photo.name).symlink_to(photo)
     out = tmp_path / "shards"
+    before = set(actor_processes("_Embedder"))  # actors of earlier runs, ending
     killed: list[int] = []
 
     def killer() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            actors = actor_processes("_Embedder")
-            if actors:
-                time.sleep(1.0)  # let it take its first batches
-                os.kill(actors[0], signal.SIGKILL)
-                killed.append(actors[0])
-            time.sleep(0.2)
+            for pid in set(actor_processes("_Embedder")) - before:
+                time.sleep(0.5)  # into its first batches
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(time.monotonic())
+                except ProcessLookupError:
+                    pass
+                break
+            time.sleep(0.05)
 
     thread = threading.Thread(target=killer)
     thread.start()
-    report = embed_on_ray(archive, out, batch_size=1)
+    report = embed_on_ray(photos, out, batch_size=1)
+    finished = time.monotonic()
     thread.join()
-    assert killed, "the model actor was never seen alive"
+    assert killed and killed[0] < finished, "the model actor was not killed while the run was going"
     got = rows(out)
-    assert sorted(got["path"]) == sorted(set(got["path"])) and len(got["path"]) == report.listed == 14
-    assert sum(e is not None for e in got["error"]) == 1  # only the truncated file
+    assert len(got["path"]) == len(set(got["path"])) == report.listed == 40  # none lost, none twice
+    assert all(e is None for e in got["error"]) and all(v is not None for v in got["vector"])
 
 
 def actor_processes(name: str) -> list[int]:
@@ -111,6 +120,11 @@ def actor_processes(name: str) -> list[int]:
         except OSError:
             pass  # the process ended meanwhile
     return [p for p in pids if p != os.getpid()]
+
+
+def test_a_pool_that_leaves_no_cpu_for_decoding_is_refused(archive, tmp_path):
+    with pytest.raises(ClusterError, match="leave none for reading and decoding"):
+        embed_on_ray(archive, tmp_path / "out", actors=1, threads=2)  # 2 CPUs: it would wait forever
 
 
 def test_shards_from_another_model_are_refused(archive, tmp_path):
