@@ -28,6 +28,11 @@ from .weights import fingerprint as weights_fingerprint
 log = logging.getLogger(__name__)
 OUTPUTS = ([contract.OUTPUT_NAME], [contract.OUTPUT_NAME, contract.ATTENTION_NAME])  # what a model may output
 DEFAULT_MODEL = "default.onnx"
+# Images per ONNX Runtime call. Its CPU arena keeps the peak of the largest call: `index add`
+# of 200 photos at the default batch of 16 peaked at 1.1 GB with one call per batch, at 370 MB
+# with calls of 2, in the same time (benchmarks/add_memory.py). Batches stay 16 everywhere else
+# (decoding ahead, gate, commits).
+RUN_CHUNK = 2
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
 
 
@@ -173,7 +178,14 @@ class Model:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Descriptors for a preprocessed uint8 (n, size, size, 3) batch."""
-        return self.session.run([contract.OUTPUT_NAME], {contract.INPUT_NAME: batch})[0]
+        return self._outputs([contract.OUTPUT_NAME], batch)[0]
+
+    def _outputs(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's `names` outputs for a batch, run RUN_CHUNK images at a time."""
+        runs = [self.session.run(names, {contract.INPUT_NAME: batch[i : i + RUN_CHUNK]}) for i in range(0, len(batch), RUN_CHUNK)]
+        return [np.concatenate([r[j] for r in runs]) for j in range(len(names))] if runs else [
+            np.zeros((0, *o.shape[1:]), np.float32) for o in self.session.get_outputs() if o.name in names
+        ]
 
     @cached_property
     def gate(self) -> Gate | None:
@@ -253,8 +265,8 @@ class Model:
         out: list[Explanation] = []
         for start in range(0, len(items), batch_size):
             loaded = [self.preprocess.load(item) for item in items[start : start + batch_size]]
-            vectors, maps = self.session.run(
-                [contract.OUTPUT_NAME, contract.ATTENTION_NAME], {contract.INPUT_NAME: np.stack([p.pixels for p, _ in loaded])}
+            vectors, maps = self._outputs(
+                [contract.OUTPUT_NAME, contract.ATTENTION_NAME], np.stack([p.pixels for p, _ in loaded])
             )
             for (prepared, decoded), vector, attention in zip(loaded, vectors, maps):
                 verdict = self.gate.judge(vector, prepared.signals, self.preprocess.size // 2) if self.gate else None

@@ -56,6 +56,17 @@ def test_batch_size_does_not_change_vectors(model, photos):
     np.testing.assert_allclose(model.embed(photos, batch_size=1), model.embed(photos, batch_size=4), atol=1e-5)
 
 
+def test_run_calls_the_graph_in_chunks_with_the_same_result(model, photos, monkeypatch):
+    x = np.stack([model.preprocess(p) for p in photos])  # 5: not a multiple of the chunk
+    whole = model.run(x)
+    monkeypatch.setattr(fundus_sdk.model, "RUN_CHUNK", 16)  # one call for the whole batch
+    np.testing.assert_allclose(model.run(x), whole, atol=1e-5)
+    maps = np.stack([e.attention for e in model.explain(photos)])
+    monkeypatch.setattr(fundus_sdk.model, "RUN_CHUNK", 1)
+    np.testing.assert_allclose(np.stack([e.attention for e in model.explain(photos)]), maps, atol=1e-6)
+    assert model.run(x[:0]).shape == (0, model.dim)
+
+
 def test_paths_pil_images_and_arrays_mix(model, photos):
     pil = Image.open(photos[1]).convert("RGB")
     mixed = model.embed([photos[0], pil, np.asarray(pil)])
