@@ -166,7 +166,7 @@ class _Embedder:
 
     def __init__(self, model_path: str, providers: list, threads: int, check: bool) -> None:
         self.model = Model.load(model_path, providers, threads)
-        self.gate = self.model.gate if check else None
+        self.check = check
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
@@ -178,9 +178,10 @@ class _Embedder:
             found = self.model.run(np.ascontiguousarray(batch["pixels"][ok]))
             for i, vector in zip(np.flatnonzero(ok), found):
                 vectors[i] = vector.tolist()
-                if self.gate is not None:
-                    signals = Signals(**{s: (int if s == "fov_side" else float)(batch[s][i]) for s in SIGNALS})
-                    verdicts[i] = json.dumps(self.gate.judge(vector, signals, self.model.preprocess.size // 2).to_dict())
+                signals = Signals(**{s: (int if s == "fov_side" else float)(batch[s][i]) for s in SIGNALS})
+                verdict = self.model.judge(vector, signals) if self.check else None
+                verdicts[i] = json.dumps(verdict.to_dict()) if verdict else None
+
         def text(column: str) -> pa.Array:
             return pa.array([str(v) or None for v in batch[column]], pa.string())
 

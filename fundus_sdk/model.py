@@ -19,7 +19,7 @@ import onnxruntime as ort
 from . import contract
 from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
 from .explain import Explanation
-from .gate import CALIBRATION_KEY, Gate, Verdict
+from .gate import CALIBRATION_KEY, Gate, Signals, Verdict
 from .inputs import Decoded, ImageInput
 from .preprocess import Prepared, Preprocess
 from .weights import WeightsError
@@ -193,6 +193,10 @@ class Model:
         text = self.metadata.get(CALIBRATION_KEY)
         return Gate.from_json(text) if text else None
 
+    def judge(self, vector: np.ndarray, signals: Signals) -> Verdict | None:
+        """The input gate's verdict on one embedded photo (None: the model carries no gate)."""
+        return self.gate.judge(vector, signals, self.preprocess.size // 2) if self.gate else None
+
     def iter_embed(
         self, images: Iterable[ImageInput], *, batch_size: int = 16, workers: int = 2, check: bool = True
     ) -> Iterator[Batch]:
@@ -203,7 +207,6 @@ class Model:
         (and a calibrated model) each vector comes with the input gate's Verdict, else None.
         """
         items = list(images)
-        gate = self.gate if check else None
 
         def prepare(item: ImageInput) -> tuple[Prepared, Decoded] | ImageError:
             try:
@@ -223,10 +226,7 @@ class Model:
                         if ok
                         else np.zeros((0, self.dim), np.float32)
                     )
-                    verdicts = [
-                        gate.judge(v, r[0].signals, self.preprocess.size // 2) if gate else None
-                        for v, (_, r) in zip(vectors, ok)
-                    ]
+                    verdicts = [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)]
                     yield Batch(
                         [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok], verdicts,
                         [r for r in chunk if isinstance(r, ImageError)],
@@ -269,7 +269,7 @@ class Model:
                 [contract.OUTPUT_NAME, contract.ATTENTION_NAME], np.stack([p.pixels for p, _ in loaded])
             )
             for (prepared, decoded), vector, attention in zip(loaded, vectors, maps):
-                verdict = self.gate.judge(vector, prepared.signals, self.preprocess.size // 2) if self.gate else None
+                verdict = self.judge(vector, prepared.signals)
                 out.append(Explanation(decoded.name, vector, attention, prepared.fov, prepared.box, decoded.image, verdict))
         return out
 
