@@ -158,7 +158,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("-o", "--output", default="embeddings.npz", show_default=True,
+@click.option("-o", "--output", default="embeddings.npz", show_default=True, metavar="PATH",
               help="Where to write the vectors: a .npz or .jsonl file, or - for stdout; with --ray a folder (or URI) for Parquet shards.")
 @click.option("--format", "fmt", type=click.Choice(["npz", "jsonl"]), default=None,
               help="Output format, where the name does not say it (stdout: jsonl unless npz is asked for).")
