@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .dicom import SUFFIXES as DICOM_SUFFIXES
 from .embeddings import SHARD_FINGERPRINT, SHARD_MODEL
 from .errors import FundusError, ImageError
 from .gate import Signals
@@ -35,7 +36,6 @@ from .model import Model, Providers, load_model, provider_name, resolve_provider
 from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
-DICOM_NAMES = (".dcm", ".dicom", "")  # PACS exports often have no suffix
 SIGNALS = tuple(Signals.__dataclass_fields__)
 
 
@@ -80,7 +80,8 @@ def list_photos(source: str) -> list[str]:
     def wanted(path: str) -> bool:
         name = path.rsplit("/", 1)[-1]
         suffix = os.path.splitext(name)[1].lower()
-        return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in DICOM_NAMES)
+        # no suffix: PACS exports often have none (read, then judged by content)
+        return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or not suffix)
 
     return sorted(i.path for i in found if i.type == pafs.FileType.File and wanted(i.path))
 
