@@ -16,6 +16,7 @@ SQLite, it is rebuilt from the vectors SQLite holds.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -82,6 +83,16 @@ CREATE TABLE IF NOT EXISTS changes (
     new TEXT
 );
 """
+# The vectors added and removed since the vector file was last written (generation > its own).
+LOG_TABLE = "vector_log"
+VECTOR_LOG = f"""
+CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    generation INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    added INTEGER NOT NULL
+);
+"""
 CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
 
 
@@ -111,7 +122,7 @@ def _connect(db: Path, read_only: bool) -> sqlite3.Connection:
             conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
         else:
             conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-            conn.executescript(CHANGES)
+            conn.executescript(CHANGES + VECTOR_LOG)
         conn.execute("SELECT 1 FROM info LIMIT 1")
         return conn
 
@@ -236,6 +247,7 @@ class Index:
     exact_below = 20_000
     expansion_search = 256
     lock_timeout = 30.0  # seconds a writer waits for another process's write to finish
+    log_limit = 4096  # changes logged in SQLite before the vector file is rewritten (see `_commit`)
 
     def __init__(self, path: Path, conn: sqlite3.Connection, read_only: bool, model: Model | None) -> None:
         self._locked = False  # whether this process holds the writer lock now
@@ -266,7 +278,7 @@ class Index:
             try:
                 self.refresh()
                 if self._rebuilt:  # the file was missing or damaged: store the vectors rebuilt from SQLite
-                    self._write_vectors(self._vectors, self.generation)
+                    self._snapshot(self._vectors, self.generation)
                 self._remove_leftovers()
             finally:
                 self._locked = False
@@ -279,6 +291,16 @@ class Index:
         self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
         if self.generation == self._loaded:
             return False
+        if self._base <= self._loaded and not self._view:  # only logged changes since: apply them
+            count, keys, vecs, removed = self._logged(since=self._loaded)
+            if self._base <= self._loaded:
+                if len(removed):
+                    self._vectors.remove(removed)
+                if len(keys):
+                    self._vectors.add(keys, vecs)
+                if len(self._vectors) == count:
+                    self._loaded = self.generation
+                    return True
         self._vectors = self._load_vectors()
         self._loaded = self.generation
         return True
@@ -345,7 +367,7 @@ class Index:
         staging.mkdir(mode=DIR_MODE)
         conn = sqlite3.connect(staging / DB_NAME, isolation_level=None, check_same_thread=False)
         os.chmod(staging / DB_NAME, FILE_MODE)
-        conn.executescript(SCHEMA + CHANGES)
+        conn.executescript(SCHEMA + CHANGES + VECTOR_LOG)
         info = {
             "format": FORMAT,
             "model_fingerprint": m.fingerprint,
@@ -353,6 +375,7 @@ class Index:
             "dim": str(m.dim),
             "dtype": dtype,
             "generation": "0",
+            "vectors_generation": "0",
             "created": now(),
             PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
@@ -481,42 +504,94 @@ class Index:
     def _vector_file(self, generation: int) -> Path:
         return self.path / f"vectors-{generation}.usearch"
 
+    @property
+    def _base(self) -> int:
+        """The generation whose vector file is on disk; later changes are in the vector log.
+
+        Indexes written before the log have no entry: their file is the current generation's.
+        """
+        return int(self._info.get("vectors_generation", self._info["generation"]))
+
     def _new_usearch(self) -> _USearch:
         return _USearch(ndim=self.dim, metric="cos", dtype=self._info["dtype"], expansion_search=self.expansion_search)
 
-    def _load_vectors(self) -> _USearch:
-        """The generation's usearch index; rebuilt from SQLite when missing or inconsistent.
+    @contextmanager
+    def _read_snapshot(self) -> Iterator[None]:
+        """One consistent view of SQLite for several reads (no commit lands in between)."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
 
-        A writer in another process may commit meanwhile and remove this generation's file: then
-        the newer generation is read instead.
+    def _logged(self, since: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """Read in one snapshot: the info table, the case count, and the net effect of the changes
+        logged after generation `since`: (count, added keys, their vectors, removed keys)."""
+        with self._read_snapshot():
+            self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
+            rows = (self._conn.execute("SELECT key, added FROM vector_log WHERE generation > ? ORDER BY id", (since,))
+                    .fetchall() if self._has_table(LOG_TABLE) else [])  # fmt: skip
+            added = {k for k, a in rows if a}
+            removed = {k for k, a in rows if not a}  # keys are never reused: each is added and removed once at most
+            keys, vecs = self._stored_vectors(sorted(added - removed))
+            return len(self), keys, vecs, np.array(sorted(removed - added), dtype=np.uint64)
+
+    def _load_vectors(self) -> _USearch:
+        """The vectors to search: the base vector file plus the logged changes since it; rebuilt
+        from SQLite when the file is missing, damaged or disagrees with it.
+
+        A writer in another process may rewrite the vector file meanwhile and remove the old one:
+        then the newer one is read instead.
         """
         for _ in range(20):
+            base = self._base
+            count, keys, vecs, removed = self._logged(since=base)
+            if self._base != base:  # a writer rewrote the vector file since `base` was read
+                continue
+            file = self._vector_file(base)
+            view = self.read_only and not len(keys) and not len(removed)  # a memory map cannot take changes
             try:
-                return self._load_generation()
-            except FileNotFoundError:
-                self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
-        return self._load_generation()
-
-    def _load_generation(self) -> _USearch:
-        file = self._vector_file(self.generation)
-        count = len(self)
-        vectors = None
-        recorded = self._info.get("vectors_sha256")
-        if file.is_file() and (recorded is None or file_sha256(file) == recorded):
-            try:
-                vectors = _USearch.restore(str(file), view=self.read_only)
-                vectors.expansion_search = self.expansion_search
-            except Exception:  # usearch raises plain RuntimeErrors for damaged files
-                vectors = None
-        elif file.is_file():
-            warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=3)
+                if file.is_file():
+                    vectors = self._restore(file, view)
+                else:  # generation 0 has no file: a new index's vectors are all in the log
+                    vectors = self._new_usearch() if base == 0 else None
+            except FileNotFoundError:  # removed while being read: a newer file is in place
+                continue
+            break
+        else:
+            vectors = None
+        if vectors is not None:
+            self._view = view
+            if len(removed):
+                vectors.remove(removed)
+            if len(keys):
+                vectors.add(keys, vecs)
         self._rebuilt = vectors is None or len(vectors) != count
-        if self._rebuilt and (count or file.is_file()):  # a new, empty index has no vector file yet
-            log.warning("%s: vector file missing, damaged or stale; rebuilding it from %s (%d cases)", file, DB_NAME, count)
         if self._rebuilt:
-            vectors = self._vectors_from_sqlite()
+            log.warning("%s: vector file missing, damaged or stale; rebuilding it from %s (%d cases)",
+                        self._vector_file(self._base), DB_NAME, count)  # fmt: skip
+            with self._read_snapshot():
+                self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
+                vectors = self._vectors_from_sqlite()
+            self._view = False
             if self._locked:  # only the writer-lock holder writes files; others rebuild in memory
-                self._write_vectors(vectors, self.generation)
+                self._snapshot(vectors, self.generation)
+        return vectors
+
+    def _restore(self, file: Path, view: bool) -> _USearch | None:
+        """The usearch index in `file` if its checksum is the recorded one, else None."""
+        recorded = self._info.get("vectors_sha256")
+        if recorded is not None and file_sha256(file) != recorded:
+            warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=4)
+            return None
+        try:
+            vectors = _USearch.restore(str(file), view=view)
+        except Exception:  # usearch raises plain RuntimeErrors for damaged files
+            return None
+        vectors.expansion_search = self.expansion_search
         return vectors
 
     def _vectors_from_sqlite(self) -> _USearch:
@@ -550,33 +625,63 @@ class Index:
         vs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
         return ks, vs
 
-    def _write_vectors(self, vectors: _USearch, generation: int) -> str:
-        """Write the usearch file for `generation` aside, fsync it, rename it into place, and
-        record its checksum (in the caller's transaction, or at once when there is none)."""
+    def _snapshot(self, vectors: _USearch, generation: int) -> None:
+        """Write `vectors` as `generation`'s vector file (aside, fsync, rename) and make it the base:
+        its checksum recorded and the vector log emptied, in the caller's transaction or its own."""
         with write_atomically(self._vector_file(generation), mode=FILE_MODE) as tmp:
-            vectors.save(str(tmp))
+            try:
+                vectors.save(str(tmp))
+            except RuntimeError as exc:  # usearch's error for a failed write, e.g. a full disk
+                raise OSError(errno.EIO, f"cannot write the vector file ({exc}; is the disk full?)", str(tmp)) from exc
             digest = file_sha256(tmp)
-        self._conn.execute("INSERT OR REPLACE INTO info VALUES ('vectors_sha256', ?)", (digest,))
-        self._info["vectors_sha256"] = digest
-        return digest
+        own = not self._conn.in_transaction
+        if own:
+            self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO info VALUES (?, ?)",
+                [("vectors_generation", str(generation)), ("vectors_sha256", digest)],
+            )
+            self._conn.execute(f"DELETE FROM {LOG_TABLE}")
+            if own:
+                self._conn.execute("COMMIT")
+        except BaseException:
+            if own and self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        self._info |= {"vectors_generation": str(generation), "vectors_sha256": digest}
+
+    def _log(self, cur: sqlite3.Connection, keys: Sequence[int], added: bool) -> None:
+        """Record, in the commit's transaction, that `keys` were added to (or removed from) the vectors."""
+        generation = self.generation + 1  # the one being committed
+        cur.executemany(f"INSERT INTO {LOG_TABLE} (generation, key, added) VALUES (?, ?, ?)",
+                        [(generation, int(k), int(added)) for k in keys])  # fmt: skip
 
     def _commit(self, change) -> Any:
-        """Run `change(cursor, vectors)` as one durable step: SQLite transaction + new vector file."""
+        """Run `change(cursor, vectors)` as one durable step, a SQLite transaction.
+
+        The change is logged in SQLite (`_log`); once more than `log_limit` changes are logged,
+        the vector file is rewritten in the same step, so a commit costs O(change) and rewriting
+        the file is spread over `log_limit` changes.
+        """
         with self._writer():
-            old = self.generation
-            new = old + 1
+            new = self.generation + 1
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                self._conn.execute("INSERT OR IGNORE INTO info VALUES ('vectors_generation', ?)", (str(new - 1),))
                 result = change(self._conn, self._vectors)
                 self._conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
-                self._write_vectors(self._vectors, new)
+                if self._conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] > self.log_limit:
+                    self._snapshot(self._vectors, new)
                 self._conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 self._vector_file(new).unlink(missing_ok=True)
-                self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
                 self._vectors = self._load_vectors()
+                self._loaded = self.generation
+                if isinstance(exc, sqlite3.Error):  # e.g. a full disk at commit
+                    raise CaseIndexError(f"{self.path}: the change could not be committed ({exc}); the index is as it was") from exc
                 raise
             self._info["generation"] = str(new)
             self._loaded = new
@@ -586,7 +691,7 @@ class Index:
 
     def _leftovers(self) -> list[Path]:
         """Files no reader needs: other generations' vector files, writers' temporary files."""
-        current = self._vector_file(self.generation)
+        current = self._vector_file(self._base)
         return [p for p in self.path.iterdir()
                 if (p.name.startswith(".vectors-") and p.name.endswith(".tmp"))
                 or (p.name.startswith("vectors-") and p.suffix == ".usearch" and p != current)]  # fmt: skip
@@ -711,8 +816,10 @@ class Index:
         """Consistency of the index: rows, searchable vectors, the vector file's checksum, damaged
         rows and leftover files. With `repair` (read-write), the vector file is rewritten from
         SQLite and leftovers of interrupted writers are removed."""
-        file = self._vector_file(self.generation)
+        self.refresh()
+        file = self._vector_file(self._base)
         rows = len(self)
+        logged = self._conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] if self._has_table(LOG_TABLE) else 0
         damaged = [k for (k, n) in self._conn.execute("SELECT key, length(vector) FROM cases") if n != 4 * self.dim]
         recorded = self._info.get("vectors_sha256")
         leftovers = self._leftovers()
@@ -721,18 +828,20 @@ class Index:
             "rows": rows,
             "vectors": len(self._vectors),
             "vector_file": file.name if file.is_file() else None,
-            "checksum": "missing" if not file.is_file() else
+            "logged_changes": logged,  # since the vector file was written; applied at opening
+            "checksum": ("not written yet" if self._base == 0 else "missing") if not file.is_file() else
                         ("not recorded" if recorded is None else ("ok" if file_sha256(file) == recorded else "differs")),
             "damaged_rows": damaged,
             "leftover_files": sorted(p.name for p in leftovers),
         }  # fmt: skip
         report["ok"] = (  # leftovers are only garbage of a killed writer: reported, removed by the next write
-            report["rows"] == report["vectors"] + len(damaged) and report["checksum"] in ("ok", "not recorded") and not damaged
+            report["rows"] == report["vectors"] + len(damaged) and report["checksum"] in ("ok", "not recorded", "not written yet")
+            and not damaged
         )  # fmt: skip
         if repair and not (report["ok"] and not leftovers):
             with self._writer():
                 self._vectors = self._vectors_from_sqlite()
-                self._write_vectors(self._vectors, self.generation)
+                self._snapshot(self._vectors, self.generation)
                 self._remove_leftovers()
             report["repaired"] = True
         return report
@@ -987,6 +1096,7 @@ class Index:
             new_vecs.append(vec)
         if new_keys:
             vectors.add(np.array(new_keys, dtype=np.uint64), np.stack(new_vecs).astype(np.float32))
+            self._log(cur, new_keys, added=True)
         return added
 
     def remove(self, refs: Sequence[CaseRef]) -> int:
@@ -997,6 +1107,7 @@ class Index:
             cur.executemany("DELETE FROM cases WHERE key = ?", [(k,) for k in keys])
             if keys:
                 vectors.remove(np.array(keys, dtype=np.uint64))
+                self._log(cur, keys, added=False)
             return len(keys)
 
         return self._commit(change)

@@ -28,11 +28,14 @@ def cases():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, model, cases):
-    """An index of the 20 graded photos, with an `eye` field in free-form metadata."""
+    """An index of the 20 graded photos, with an `eye` field in free-form metadata, its vectors
+    written to their file (log_limit 0) so that tests can damage it."""
     path = tmp_path_factory.mktemp("idx") / "cases"
-    with Index.create(path, model=model) as ix:
-        meta = [{"grade": g, "eye": "left" if "left" in p.name else "right"} for p, g in cases]
-        keys = ix.add([p for p, _ in cases], meta)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Index, "log_limit", 0)
+        with Index.create(path, model=model) as ix:
+            meta = [{"grade": g, "eye": "left" if "left" in p.name else "right"} for p, g in cases]
+            keys = ix.add([p for p, _ in cases], meta)
     return path, keys
 
 
@@ -197,12 +200,13 @@ CHILD = textwrap.dedent(
     from fundus_sdk import Index
     mode = sys.argv[2]
     ix = Index.open(sys.argv[1])
+    Index.log_limit = int(sys.argv[4])  # 0: every commit rewrites the vector file, so kills land in that too
     if mode == "die-before-commit":
-        write = Index._write_vectors
+        write = Index._snapshot
         def write_then_die(self, vectors, generation):
             write(self, vectors, generation)
             os._exit(9)
-        Index._write_vectors = write_then_die
+        Index._snapshot = write_then_die
     rng = np.random.default_rng(int(sys.argv[3]))
     for i in range(10_000):
         v = rng.normal(size=(3, ix.dim)).astype(np.float32)
@@ -212,16 +216,17 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(path, mode: str, seed: int) -> subprocess.Popen:
+def run_child(path, mode: str, seed: int, log_limit: int = 0) -> subprocess.Popen:
     script = CHILD.format(repo=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", script, str(path), mode, str(seed)], stdout=subprocess.PIPE, text=True)
+    args = [sys.executable, "-c", script, str(path), mode, str(seed), str(log_limit)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("commits_before_kill", [1, 4, 9])
-def test_killed_in_the_middle_of_adding_leaves_a_consistent_index(tmp_path, model, commits_before_kill):
+@pytest.mark.parametrize("commits_before_kill, log_limit", [(1, 0), (4, 10), (9, 10), (9, Index.log_limit)])
+def test_killed_in_the_middle_of_adding_leaves_a_consistent_index(tmp_path, model, commits_before_kill, log_limit):
     path = tmp_path / "ix"
     Index.create(path, model=model).close()
-    child = run_child(path, "loop", commits_before_kill)
+    child = run_child(path, "loop", commits_before_kill, log_limit)
     for _ in range(commits_before_kill):
         assert child.stdout.readline().startswith("committed")
     time.sleep(0.01 * commits_before_kill)  # land somewhere inside a later add
@@ -230,11 +235,13 @@ def test_killed_in_the_middle_of_adding_leaves_a_consistent_index(tmp_path, mode
     n = assert_consistent(path)
     assert n >= 3 * commits_before_kill and n % 3 == 0  # whole adds only
     with Index.open(path) as ix:  # no orphaned vector files of unfinished generations remain
-        assert [p.name for p in path.glob("vectors-*")] == [f"vectors-{ix.generation}.usearch"]
+        report = ix.check()
+        assert report["ok"] and [p.name for p in path.glob("vectors-*")] == [report["vector_file"]] * bool(report["vector_file"])
 
 
-def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path, model):
+def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path, model, monkeypatch):
     path = tmp_path / "ix"
+    monkeypatch.setattr(Index, "log_limit", 0)
     with Index.create(path, model=model) as ix:
         ix.add(unit(np.random.default_rng(0), 4, model.dim))
     child = run_child(path, "die-before-commit", 0)

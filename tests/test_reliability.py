@@ -28,10 +28,13 @@ def unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def filled(path: Path, model, n: int = 40) -> np.ndarray:
+def filled(path: Path, model, n: int = 40, log_limit: int = Index.log_limit) -> np.ndarray:
+    """An index of n random vectors; log_limit=0 writes them to the vector file (else they stay logged)."""
     vectors = unit(n, model.dim)
-    with Index.create(path, model=model) as ix:
-        ix.add(vectors, [{"grade": i % 5} for i in range(n)], model_fingerprint=model.fingerprint)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Index, "log_limit", log_limit)
+        with Index.create(path, model=model) as ix:
+            ix.add(vectors, [{"grade": i % 5} for i in range(n)], model_fingerprint=model.fingerprint)
     return vectors
 
 
@@ -88,7 +91,7 @@ def test_a_long_lived_reader_sees_later_commits(tmp_path, model):
 
 
 def test_a_vector_file_with_flipped_bytes_is_detected_and_rebuilt(tmp_path, model):
-    vectors = filled(tmp_path / "cases", model, 40)
+    vectors = filled(tmp_path / "cases", model, 40, log_limit=0)
     (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
     data = bytearray(file.read_bytes())
     for i in range(len(data) - 4000, len(data) - 100, 7):  # same size, damaged vectors
@@ -100,7 +103,7 @@ def test_a_vector_file_with_flipped_bytes_is_detected_and_rebuilt(tmp_path, mode
 
 
 def test_a_damaged_row_is_quarantined_not_fatal(tmp_path, model):
-    vectors = filled(tmp_path / "cases", model, 10)
+    vectors = filled(tmp_path / "cases", model, 10, log_limit=0)
     db = sqlite3.connect(tmp_path / "cases" / "cases.sqlite")
     db.execute("UPDATE cases SET vector = x'0000' WHERE key = 3")
     db.commit()
@@ -149,7 +152,7 @@ def test_index_files_are_readable_by_their_owner_only(tmp_path, model):
 
 
 def test_check_reports_and_repair_fixes(tmp_path, model):
-    filled(tmp_path / "cases", model, 10)
+    filled(tmp_path / "cases", model, 10, log_limit=0)
     (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
     file.write_bytes(file.read_bytes()[:-50])
     (tmp_path / "cases" / ".vectors-7.usearch.4242.tmp").write_bytes(b"half")
@@ -247,3 +250,79 @@ def test_soak_writers_readers_and_a_killer_on_one_index(tmp_path, model):
             for v, key in zip(np.load(index.parent / f"confirmed-{seed}-{r}.npy"), keys):
                 if key not in removed | unsure:
                     assert ro.search(v, k=1)[0].key == key
+
+
+def test_a_commit_logs_its_change_instead_of_rewriting_the_vector_file(tmp_path, model, monkeypatch):
+    vectors = filled(tmp_path / "cases", model, 30, log_limit=0)
+    (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
+    written = file.read_bytes()
+    reader = Index.open(tmp_path / "cases", read_only=True)  # memory-maps the file: it cannot take changes in place
+    with Index.open(tmp_path / "cases", model=model) as writer:
+        added = unit(2, model.dim, seed=3)
+        keys = writer.add(added, model_fingerprint=model.fingerprint)
+        writer.remove([5])
+        assert list((tmp_path / "cases").glob("vectors-*.usearch")) == [file] and file.read_bytes() == written
+        assert writer.check()["logged_changes"] == 3
+        assert [reader.search(v, k=1)[0].key for v in added] == keys  # the reader applies the log
+        assert reader.search(vectors[4], k=1)[0].key != 5 and len(reader.search(vectors[0], k=50)) == 31
+        monkeypatch.setattr(Index, "log_limit", 4)
+        more = unit(2, model.dim, seed=4)
+        more_keys = writer.add(more, model_fingerprint=model.fingerprint)  # 5 logged > 4: the file is rewritten
+        report = writer.check()
+        assert report["ok"] and report["logged_changes"] == 0 and not file.exists()
+    assert [reader.search(v, k=1)[0].key for v in more] == more_keys
+    reader.close()
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert len(ro) == 33 and ro.check()["ok"]
+        assert [ro.search(v, k=1)[0].key for v in np.vstack([added, more])] == keys + more_keys
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writing past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+if sys.argv[2] == "api":  # every commit writes the vector file: the failure lands in that write
+    import numpy as np
+    from fundus_sdk import Index
+    Index.log_limit = 0
+    with Index.open(sys.argv[3]) as ix:
+        v = np.random.default_rng(5).normal(size=(1, ix.dim)).astype(np.float32)
+        try:
+            ix.add(v / np.linalg.norm(v), model_fingerprint=ix.model_fingerprint)
+        except OSError as exc:
+            sys.exit(f"OSError: {exc}")
+else:
+    from fundus_sdk.cli import main
+    main(sys.argv[2:], prog_name="fundus-sdk")
+"""
+
+
+def full_disk(limit: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), *args], cwd=REPO, capture_output=True, text=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, model):
+    cases = tmp_path / "cases"
+    vectors = filled(cases, model, 300, log_limit=0)
+    before = sorted(p.name for p in cases.iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    np.savez(out / "more.npz", vectors=unit(50, model.dim, seed=8), paths=np.array([f"p{i}.jpg" for i in range(50)]),
+             sha256=np.array([f"{i:064x}" for i in range(50)]), model_fingerprint=np.array(model.fingerprint))  # fmt: skip
+    size = (cases / "cases.sqlite").stat().st_size
+    runs = {
+        "commit": full_disk(size, "index", "add", str(cases), str(out / "more.npz"), "--allow-unlabelled"),
+        "vectors": full_disk(100_000, "api", str(cases)),  # the vector file of 300 cases is larger
+        "embed": full_disk(1_000, "embed", str(RETINA), "-o", str(out / "v.npz")),
+    }
+    for name, proc in runs.items():
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+    assert runs["commit"].returncode == 3 and f"{cases}: the change could not be committed" in runs["commit"].stderr
+    assert "cannot write the vector file" in runs["vectors"].stderr
+    assert runs["embed"].returncode == 3 and "v.npz" in runs["embed"].stderr
+    assert sorted(p.name for p in out.iterdir()) == ["more.npz"]  # no partial output
+    assert sorted(p.name for p in cases.iterdir() if p.name != "cases.sqlite-journal") == before
+    with Index.open(cases, read_only=True) as ro:
+        assert len(ro) == 300 and ro.check()["ok"]
+        assert ro.search(vectors[7], k=1)[0].key == 8
