@@ -22,7 +22,8 @@ def write_atomically(path: str | Path, *, durable: bool = True, mode: int | None
     """Yield a temporary path beside `path`; when the block succeeds, it replaces `path`.
 
     The temporary name carries the process id, so two writers never touch each other's file.
-    On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is unchanged.
+    On any failure (a full disk, Ctrl-C) the temporary file is removed and `path` is unchanged;
+    an OSError that names no file is raised again naming `path`.
     With `durable`, the file and the directory entry are fsynced before returning; `mode`
     sets the file's permissions (e.g. 0o600) before it takes the final name.
     """
@@ -36,6 +37,11 @@ def write_atomically(path: str | Path, *, durable: bool = True, mode: int | None
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc  # say which file could not be written
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

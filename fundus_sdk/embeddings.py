@@ -119,12 +119,19 @@ def read_embeddings(path: str | Path) -> Embeddings:
     path = Path(path)
     try:
         if path.suffix.lower() == ".parquet" or (path.is_dir() and path.suffix.lower() not in FORMATS):
-            return _read_parquet(path)
-        return _read_npz(path) if file_format(path) == "npz" else _read_jsonl(path)
+            data = _read_parquet(path)
+        else:
+            data = _read_npz(path) if file_format(path) == "npz" else _read_jsonl(path)
     except EmbeddingFileError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise EmbeddingFileError(f"{path}: not a readable embedding file ({exc})") from exc
+    norms = np.linalg.norm(data.vectors, axis=1) if len(data.vectors) else np.ones(0)
+    bad = np.flatnonzero(~(np.abs(norms - 1) < 1e-3))  # NaN and inf fail the comparison
+    if len(bad):
+        raise EmbeddingFileError(f"{path}: vector {bad[0]} ({data.paths[bad[0]]}) is not a finite unit vector, "
+                                 "as `fundus-sdk embed` writes them")  # fmt: skip
+    return data
 
 
 def _read_parquet(path: Path) -> Embeddings:
@@ -162,14 +169,53 @@ def _read_parquet(path: Path) -> Embeddings:
     )  # fmt: skip
 
 
+NPZ_SHAPES = {"vectors": 2, "paths": 1, "sha256": 1, "verdicts": 1, "model_fingerprint": 0, "model_name": 0}
+NPZ_MAX_CHARS = {"paths": 4096, "sha256": 64, "verdicts": 65536, "model_fingerprint": 256, "model_name": 256}
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array's (shape, dtype) from its .npy header, read without decompressing the data."""
+    headers = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            headers[info.filename.removesuffix(".npy")] = (shape, dtype)
+    return headers
+
+
+def _check_npz(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Refuse, before loading anything, arrays that `embed` would not have written: wrong rank,
+    dtype or length, or text longer than any path or hash (what an inflated file would be)."""
+    missing = [k for k in ("vectors", "paths", "sha256", "model_fingerprint") if k not in headers]
+    if missing:
+        raise EmbeddingFileError(f"{path}: not an embedding file from `fundus-sdk embed` (missing {', '.join(missing)})")
+    n = headers["vectors"][0][0] if headers["vectors"][0] else -1
+    for name, (shape, dtype) in headers.items():
+        rank = NPZ_SHAPES.get(name)
+        text = name in NPZ_MAX_CHARS
+        wrong = (
+            rank is None or len(shape) != rank or (rank and shape[0] != n)
+            or (dtype.kind != "U" if text else dtype.kind != "f")
+            or (text and dtype.itemsize // 4 > NPZ_MAX_CHARS[name])
+        )  # fmt: skip
+        if wrong:
+            raise EmbeddingFileError(
+                f"{path}: array {name!r} of shape {shape} and type {dtype} does not belong in an embedding file "
+                f"from `fundus-sdk embed` ({n} vectors)"
+            )
+
+
 def _read_npz(path: Path) -> Embeddings:
-    data = np.load(path, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise EmbeddingFileError(f"{path}: a single array (.npy), not an embedding file from `fundus-sdk embed`")
-    with data:
-        missing = [k for k in ("vectors", "paths", "sha256", "model_fingerprint") if k not in data]
-        if missing:
-            raise EmbeddingFileError(f"{path}: not an embedding file from `fundus-sdk embed` (missing {', '.join(missing)})")
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise EmbeddingFileError(f"{path}: a single array (.npy), not an embedding file from `fundus-sdk embed`")
+    if not zipfile.is_zipfile(path):
+        raise EmbeddingFileError(f"{path}: not a readable embedding file (not a zip archive, as an .npz is)")
+    _check_npz(path, _npz_headers(path))
+    with np.load(path, allow_pickle=False) as data:
         return Embeddings(
             np.asarray(data["vectors"], dtype=np.float32),
             data["paths"].tolist(),

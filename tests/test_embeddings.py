@@ -49,6 +49,24 @@ def test_an_npy_named_npz_and_a_folder_named_npz_are_clear_errors(tmp_path):
         read_embeddings(tmp_path / "d.npz")
 
 
+def test_arrays_embed_would_not_write_are_refused_before_they_are_loaded(tmp_path):
+    good = {"sha256": np.array(["0" * 64]), "model_fingerprint": np.array("f" * 64)}
+    cases = {  # small files that would inflate (the first to 100 MB) or do not fit together
+        "long.npz": {"vectors": np.zeros((100_000, 256), np.float32), "paths": np.array(["a.jpg"])},
+        "wide.npz": {"vectors": np.zeros((1, 256), np.float32), "paths": np.array(["a" * 2_000_000])},
+        "text.npz": {"vectors": np.array([["1"] * 256]), "paths": np.array(["a.jpg"])},
+        "extra.npz": {"vectors": np.zeros((1, 256), np.float32), "paths": np.array(["a.jpg"]), "x": np.zeros(9)},
+    }
+    for name, arrays in cases.items():
+        np.savez_compressed(tmp_path / name, **good, **arrays)
+        assert (tmp_path / name).stat().st_size < 200_000
+        with pytest.raises(EmbeddingFileError, match=rf"{name}: array '\w+' of shape .* does not belong"):
+            read_embeddings(tmp_path / name)
+    np.savez(tmp_path / "zero.npz", **good, vectors=np.zeros((1, 256), np.float32), paths=np.array(["a.jpg"]))
+    with pytest.raises(EmbeddingFileError, match=r"zero.npz: vector 0 \(a.jpg\) is not a finite unit vector"):
+        read_embeddings(tmp_path / "zero.npz")
+
+
 def test_the_name_decides_the_format_or_the_write_is_refused(tmp_path):
     for name in ("x.csv", "x.json", "x"):
         with pytest.raises(ValueError, match="cannot tell the format"):
