@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import numpy as np
 
@@ -234,6 +234,45 @@ def check_metadata(meta: dict[str, Any] | None) -> tuple[int | None, dict[str, A
     return (None if grade is None else int(grade)), extra
 
 
+class _Matches(NamedTuple):
+    keys: np.ndarray
+    distances: np.ndarray
+
+
+class _Overlay:
+    """A memory-mapped usearch index (which cannot change) with the changes logged after it,
+    searched as one: added vectors by brute force, removed keys filtered out. Readers use it so
+    that opening stays a memory map however many changes are logged (at most Index.log_limit)."""
+
+    def __init__(self, base: _USearch) -> None:
+        self.base = base
+        self.keys = np.empty(0, np.uint64)
+        self.vecs = np.empty((0, base.ndim), np.float32)
+        self.gone: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.base) - len(self.gone) + len(self.keys)
+
+    def add(self, keys: np.ndarray, vecs: np.ndarray) -> None:
+        self.keys = np.concatenate([self.keys, np.asarray(keys, np.uint64)])
+        self.vecs = np.vstack([self.vecs, np.asarray(vecs, np.float32)])
+
+    def remove(self, keys: np.ndarray) -> None:
+        added = np.isin(self.keys, keys)
+        self.gone |= {int(k) for k in keys} - {int(k) for k in self.keys[added]}
+        self.keys, self.vecs = self.keys[~added], self.vecs[~added]
+
+    def search(self, vec: np.ndarray, count: int, exact: bool = False) -> _Matches:
+        keys, distances = self.keys, 1.0 - self.vecs @ vec
+        if len(self.base):
+            found = self.base.search(vec, min(len(self.base), count + len(self.gone)), exact=exact)
+            keep = np.fromiter((int(k) not in self.gone for k in found.keys), bool, len(found.keys))
+            keys = np.concatenate([found.keys[keep].astype(np.uint64), keys])
+            distances = np.concatenate([found.distances[keep], distances])
+        best = np.argsort(distances, kind="stable")[:count]
+        return _Matches(keys[best], distances[best])
+
+
 class Index:
     """A persistent case index. Create with `Index.create`, open with `Index.open`.
 
@@ -291,7 +330,7 @@ class Index:
         self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
         if self.generation == self._loaded:
             return False
-        if self._base <= self._loaded and not self._view:  # only logged changes since: apply them
+        if self._base <= self._loaded:  # the same vector file: apply only the changes logged since
             count, keys, vecs, removed = self._logged(since=self._loaded)
             if self._base <= self._loaded:
                 if len(removed):
@@ -423,12 +462,18 @@ class Index:
         db = path / DB_NAME
         if not db.is_file():
             raise CaseIndexError(f"{path}: not a fundus-sdk index (no {DB_NAME})")
+        m = model if isinstance(model, Model) or model is None else load_model(model, providers, threads)
         try:
             conn = _connect(db, read_only)
+            try:
+                index = cls(path, conn, read_only=read_only, model=m)
+            except BaseException:
+                conn.close()
+                raise
         except sqlite3.DatabaseError as exc:
-            raise CaseIndexError(f"{path}: cannot read {DB_NAME} ({exc})") from exc
-        m = model if isinstance(model, Model) or model is None else load_model(model, providers, threads)
-        index = cls(path, conn, read_only=read_only, model=m)
+            raise CaseIndexError(
+                f"{path}: cannot read {DB_NAME} ({exc}); restore the index from a backup, or create it again from the photos"
+            ) from exc
         index._runtime = (providers, threads)
         return index
 
@@ -552,10 +597,9 @@ class Index:
             if self._base != base:  # a writer rewrote the vector file since `base` was read
                 continue
             file = self._vector_file(base)
-            view = self.read_only and not len(keys) and not len(removed)  # a memory map cannot take changes
             try:
                 if file.is_file():
-                    vectors = self._restore(file, view)
+                    vectors = self._restore(file)
                 else:  # generation 0 has no file: a new index's vectors are all in the log
                     vectors = self._new_usearch() if base == 0 else None
             except FileNotFoundError:  # removed while being read: a newer file is in place
@@ -564,7 +608,6 @@ class Index:
         else:
             vectors = None
         if vectors is not None:
-            self._view = view
             if len(removed):
                 vectors.remove(removed)
             if len(keys):
@@ -576,23 +619,23 @@ class Index:
             with self._read_snapshot():
                 self._info = dict(self._conn.execute("SELECT name, value FROM info").fetchall())
                 vectors = self._vectors_from_sqlite()
-            self._view = False
             if self._locked:  # only the writer-lock holder writes files; others rebuild in memory
                 self._snapshot(vectors, self.generation)
         return vectors
 
-    def _restore(self, file: Path, view: bool) -> _USearch | None:
-        """The usearch index in `file` if its checksum is the recorded one, else None."""
+    def _restore(self, file: Path) -> _USearch | _Overlay | None:
+        """The usearch index in `file` if its checksum is the recorded one, else None; memory-mapped
+        under an _Overlay for the changes logged since when read-only, loaded when read-write."""
         recorded = self._info.get("vectors_sha256")
         if recorded is not None and file_sha256(file) != recorded:
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=4)
             return None
         try:
-            vectors = _USearch.restore(str(file), view=view)
+            vectors = _USearch.restore(str(file), view=self.read_only)
         except Exception:  # usearch raises plain RuntimeErrors for damaged files
             return None
         vectors.expansion_search = self.expansion_search
-        return vectors
+        return _Overlay(vectors) if self.read_only else vectors
 
     def _vectors_from_sqlite(self) -> _USearch:
         """A usearch index of every vector SQLite holds (the source of truth)."""

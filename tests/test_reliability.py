@@ -326,3 +326,17 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, model):
     with Index.open(cases, read_only=True) as ro:
         assert len(ro) == 300 and ro.check()["ok"]
         assert ro.search(vectors[7], k=1)[0].key == 8
+
+
+def test_damaged_database_pages_are_one_line_naming_the_index(tmp_path, model):
+    filled(tmp_path / "cases", model, 300)
+    db = tmp_path / "cases" / "cases.sqlite"
+    data = bytearray(db.read_bytes())
+    for page in range(len(data) // 3 // 4096, len(data) // 3 // 4096 + 10):  # ten pages of rows overwritten
+        data[page * 4096 : (page + 1) * 4096] = np.random.default_rng(page).bytes(4096)
+    db.write_bytes(bytes(data))
+    for command in (["index", "info"], ["index", "check"], ["index", "export", "-o", str(tmp_path / "x.csv")]):
+        proc = subprocess.run([sys.executable, "-m", "fundus_sdk", *command[:2], str(tmp_path / "cases"), *command[2:]],
+                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"error: {tmp_path / 'cases'}: cannot read cases.sqlite (database disk image is malformed)" in proc.stderr
