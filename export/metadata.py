@@ -81,6 +81,7 @@ def build_metadata(ckpt: Checkpoint, *, name: str, version: str, precision: str)
         contract.TRAINING_DATA: json.dumps(ckpt.state.get("data") or {}, sort_keys=True),
         contract.LICENCE: licence_note(ckpt),
         contract.METRICS: json.dumps(ckpt.state.get("test") or {}, sort_keys=True),
+        contract.SCALE: ckpt.scale.spec,
     }
 
 

@@ -17,7 +17,7 @@ from .explain import Explanation
 from .gate import NotFundusError, UngradableWarning, Verdict
 from .index import BatchHits, Case, Hit, Index, RebuildReport, rebuild, search
 from .inputs import Decoded, decode, find_images
-from .labels import GRADES, Label, LabelError, read_labels
+from .labels import GRADES, ICDR, Label, LabelError, Scale, read_labels
 from .model import Model, embed, load_model
 from .preprocess import Preprocess
 from .report import Report, report
@@ -50,6 +50,8 @@ __all__ = [
     "find_images",
     "Preprocess",
     "GRADES",
+    "Scale",
+    "ICDR",
     "Label",
     "read_labels",
     "Embeddings",

@@ -33,7 +33,7 @@ from .filters import FilterError, compile_filter, conditions_to_where
 from .gate import CALIBRATION_KEY, NotFundusError, UngradableWarning, Verdict
 from .index import RESERVED, Conflict, Hit, Index, rebuild
 from .inputs import find_images
-from .labels import match_labels, parse_value, read_labels
+from .labels import ICDR, Scale, match_labels, parse_value, read_labels
 from .model import MODEL_LICENCE, Model, default_model_path, load_model
 from .report import Report
 from .tables import format_table
@@ -361,7 +361,7 @@ def index_add(
             for path, reason in data.failed:  # rows of `embed --ray` without a vector
                 failed(ImageError(path, reason))
             files = [Path(p) for p in data.paths]
-            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed)
+            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed, ix.scale)
             if data.metadata is not None:  # DICOM headers read by `embed --ray`
                 meta = [{**h, **(m or {})} for h, m in zip(data.metadata, meta)]
             if data.verdicts is not None:  # checked by `embed`: keep the gradability it measured
@@ -382,7 +382,7 @@ def index_add(
         if files:
             folders = [Path(p) for p in photos if Path(p).is_dir()]
             plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
-            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed)
+            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale)
             with progress(len(keep), "adding", quiet) as advance:
                 ix.add(
                     [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
@@ -408,16 +408,18 @@ def gradability_of(meta: dict | None, verdict: dict | None) -> dict | None:
 
 
 def label_metadata(
-    files: list[Path], labels_csv: str | None, folders: list[Path], allow_unlabelled: bool, failed: Callable[[ImageError], None]
+    files: list[Path], labels_csv: str | None, folders: list[Path], allow_unlabelled: bool,
+    failed: Callable[[ImageError], None], scale: Scale,
 ) -> tuple[list[int], list[dict | None]]:
-    """(positions of the files to add, metadata per file) from a label CSV (fundus_sdk.labels.match_labels).
+    """(positions of the files to add, metadata per file) from a label CSV (fundus_sdk.labels.match_labels),
+    its grades read on the index's `scale`.
 
     Columns named like what the index derives itself (key, path, sha256, added) are kept under
     `label_<name>`, said so on stderr. Files without a row go to `failed` unless allowed.
     """
     if labels_csv is None:
         return list(range(len(files))), [None] * len(files)
-    rows = read_labels(labels_csv, require_grade=False, require_files=False)
+    rows = read_labels(labels_csv, require_grade=False, require_files=False, scale=scale)
     clashes = sorted({name for r in rows for name in r.fields if name in RESERVED})
     if clashes:
         click.echo(f"note: {labels_csv}: column(s) {', '.join(clashes)} kept as "
@@ -718,7 +720,6 @@ def evaluate(index_dir, queries, k, runtime, as_json, quiet) -> None:
     Example:
       fundus-sdk evaluate --index cases/ --queries test.csv -k 10
     """
-    labels = read_labels(queries)
     failures: list[ImageError] = []
 
     def failed(err: ImageError) -> None:
@@ -726,6 +727,7 @@ def evaluate(index_dir, queries, k, runtime, as_json, quiet) -> None:
         report_failure(err)
 
     with runtime.open(index_dir, read_only=True) as ix:
+        labels = read_labels(queries, scale=ix.scale)
         with progress(len(labels), "evaluating", quiet) as advance:
             report = evaluate_index(ix, labels, k, on_error=failed, progress=advance)
     click.echo(json.dumps(report, indent=2) if as_json else metrics.format_report(report))
@@ -769,6 +771,7 @@ def info(runtime, as_json) -> None:
         return
     click.echo(f"model:       {model.name} ({model.path})")
     click.echo(f"dimension:   {model.dim}")
+    click.echo(f"grades:      {model.scale.spec}{' (ICDR)' if model.scale == ICDR else ''}")
     click.echo(f"fingerprint: {model.fingerprint}")
     click.echo(f"providers:   {', '.join(model.providers)} (available: {', '.join(data['providers']['available'])})")
     click.echo("packages:    " + ", ".join(f"{k} {v}" for k, v in versions.items()))

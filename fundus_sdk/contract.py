@@ -33,6 +33,7 @@ NORMALISE_STD = "normalise.std"  # JSON list, applied inside the graph
 TRAINING_DATA = "training.data"  # JSON summary of the training data
 LICENCE = "training.licence"  # licence note on the weights / training data
 METRICS = "evaluation.metrics"  # JSON: retrieval metrics on the held-out test split
+SCALE = "labels.scale"  # the grading scale, as fundus_sdk.labels.Scale.spec writes it; absent: ICDR "0-4"
 # plus the preprocessing keys of fundus_sdk.preprocess.Preprocess.to_metadata(): "preprocess.*"
 
 REQUIRED = (FORMAT, NAME, VERSION, DIM, FINGERPRINT, INPUT_SIZE)

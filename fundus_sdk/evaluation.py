@@ -9,9 +9,7 @@ import numpy as np
 from . import metrics
 from .errors import CaseIndexError, OnError, error_policy
 from .index import Index
-from .labels import GRADES, Label
-
-GRADED = {"grade": list(GRADES)}
+from .labels import Label
 
 
 def evaluate_index(
@@ -31,6 +29,8 @@ def evaluate_index(
     Raises CaseIndexError when the index holds no graded case, ValueError when no query was read.
     """
     failed = error_policy(on_error)
+    scale = index.scale
+    graded = {"grade": list(scale.values)}
     gallery = index.grades()
     if gallery.size == 0:
         raise CaseIndexError(f"{index.path} holds no graded cases")
@@ -39,15 +39,15 @@ def evaluate_index(
         for err in batch.errors:
             failed(err)
         # one search per batch, so the grade filter is computed once per batch
-        batch_hits = index.search_batch(batch.vectors, k=k + 1, where=GRADED) if len(batch.positions) else []
+        batch_hits = index.search_batch(batch.vectors, k=k + 1, where=graded) if len(batch.positions) else []
         for pos, found, sha in zip(batch.positions, batch_hits, batch.sha256):
             hits = [h for h in found if h.sha256 != sha][:k]
             grade = queries[pos].grade
             # a gallery smaller than k: the missing ranks get a grade the whole scale away (no hit, zero gain)
-            ranked.append([h.grade for h in hits] + [grade + GRADES[-1]] * (k - len(hits)))
+            ranked.append([h.grade for h in hits] + [grade + scale.span] * (k - len(hits)))
             grades.append(grade)
         if progress is not None:
             progress(len(batch.positions) + len(batch.errors))
     if not grades:
         raise ValueError("no query photo could be read")
-    return metrics.evaluate(np.array(grades), np.array(ranked), gallery)
+    return metrics.evaluate(np.array(grades), np.array(ranked), gallery, scale.span)

@@ -44,7 +44,7 @@ from .dicom import frames as dicom_frames
 from .filters import COLUMNS, Where, compile_filter
 from .gate import NotFundusError, UngradableWarning, Verdict
 from .inputs import ImageInput, identify
-from .labels import GRADE_RANGE, is_grade
+from .labels import ICDR, Scale
 from .model import Model, Providers, as_list, load_model  # imports onnxruntime before usearch, see below
 
 # onnxruntime must be loaded before usearch's extension: the other order crashed with usearch 2.26.
@@ -220,8 +220,9 @@ class Conflict:
         return f"{self.path or self.key}: stored {self.field} {self.stored!r}, given {self.given!r}"
 
 
-def check_metadata(meta: dict[str, Any] | None) -> tuple[int | None, dict[str, Any]]:
-    """(grade, the other fields) of one case's metadata; ValueError for what the index refuses."""
+def check_metadata(meta: dict[str, Any] | None, scale: Scale = ICDR) -> tuple[int | None, dict[str, Any]]:
+    """(grade, the other fields) of one case's metadata; ValueError for what the index refuses
+    (a grade off `scale`, the index's)."""
     extra = dict(meta or {})
     for name in extra:
         if not isinstance(name, str) or not name or '"' in name or any(ord(c) < 32 for c in name):
@@ -229,8 +230,8 @@ def check_metadata(meta: dict[str, Any] | None) -> tuple[int | None, dict[str, A
         if name in RESERVED:
             raise ValueError(f"metadata field {name!r} is reserved: the index derives {', '.join(RESERVED)} itself")
     grade = extra.pop("grade", None)
-    if grade is not None and not is_grade(grade):
-        raise ValueError(f"grade must be an integer {GRADE_RANGE}, got {grade!r}")
+    if grade is not None and grade not in scale:
+        raise ValueError(f"grade must be an integer of the scale {scale.spec}, got {grade!r}")
     return (None if grade is None else int(grade)), extra
 
 
@@ -415,6 +416,7 @@ class Index:
             "dtype": dtype,
             "generation": "0",
             "vectors_generation": "0",
+            "scale": m.scale.spec,
             "created": now(),
             PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
@@ -502,6 +504,12 @@ class Index:
     def dim(self) -> int:
         """Dimension of the stored vectors."""
         return int(self._info["dim"])
+
+    @property
+    def scale(self) -> Scale:
+        """The grading scale of the index's model: the grades a case may carry (indexes made
+        before scales were recorded: ICDR 0-4)."""
+        return Scale.parse(self._info.get("scale", ICDR.spec))
 
     @property
     def generation(self) -> int:
@@ -910,7 +918,7 @@ class Index:
     ) -> list[int | None]:
         """Add images (or vectors from this index's model) with per-case metadata; return keys.
 
-        Metadata dicts may hold "grade" (an integer of fundus_sdk.GRADES) and any other fields
+        Metadata dicts may hold "grade" (an integer of the index's `scale`) and any other fields
         (kept as JSON, filterable); the index derives key, path, sha256 and added itself and
         refuses them as metadata. Each image is identified (sha256) before it is decoded: a photo
         the index holds is not embedded again, its key is returned, and metadata other than the
@@ -943,7 +951,7 @@ class Index:
             )
         inputs = list(vecs) if vecs is not None else as_list(items)
         n = len(inputs)
-        meta = [check_metadata(m) for m in (metadata if metadata is not None else [None] * n)]
+        meta = [check_metadata(m, self.scale) for m in (metadata if metadata is not None else [None] * n)]
         for name, given in (("metadata", meta), ("paths", paths), ("hashes", hashes)):
             if given is not None and len(given) != n:
                 raise ValueError(f"{n} inputs but {len(given)} {name}")
@@ -1079,7 +1087,7 @@ class Index:
         key = self._key_of(ref)
         if key is None:
             raise KeyError(f"{self.path} has no case {ref!r}")
-        grade, extra = check_metadata({k: v for k, v in values.items() if v is not None})
+        grade, extra = check_metadata({k: v for k, v in values.items() if v is not None}, self.scale)
         removed = [k for k, v in values.items() if v is None]
         if "grade" in removed:
             raise ValueError("a case's grade can be corrected, not removed")

@@ -1,4 +1,4 @@
-"""The grade scale, and label files: a CSV with an `image` column, a `grade` column and any others."""
+"""Grading scales, and label files: a CSV with an `image` column, a `grade` column and any others."""
 
 from __future__ import annotations
 
@@ -12,13 +12,77 @@ from typing import Any
 
 from .errors import FundusError
 
-GRADES = range(5)  # the ICDR scale: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 proliferative DR
-GRADE_RANGE = f"{GRADES[0]}-{GRADES[-1]}"
+
+@dataclass(frozen=True)
+class Scale:
+    """An ordered grading scale: the consecutive integers low..high, optionally named.
+
+    Why ordered: retrieval metrics give partial credit by distance on the scale (NDCG's gain is
+    1 - |g_q - g_r| / span), and training's ordinal term pushes far grades further apart. A
+    scale is declared with a training run (`--labels`), carried in the model's metadata
+    (`labels.scale`) and in every index built with it. Label cells may hold a value or a name.
+    """
+
+    low: int = 0
+    high: int = 4
+    names: tuple[str, ...] = ()  # one per value, lowest first, when the classes are named
+
+    def __post_init__(self) -> None:
+        if self.high <= self.low:
+            raise ValueError(f"a scale needs at least two grades, got {self.low}-{self.high}")
+        if self.names and (len(self.names) != len(self) or len(set(self.names)) != len(self.names)):
+            raise ValueError(f"a named scale needs {len(self)} distinct names, got {list(self.names)}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Scale":
+        """"0-4" (integers 0 to 4), "-1-2", or named classes lowest first: "none,mild,severe" (0-2)."""
+        text = spec.strip()
+        if m := re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", text):
+            return cls(int(m[1]), int(m[2]))
+        names = tuple(n.strip() for n in text.split(","))
+        if len(names) < 2 or not all(names) or any(re.fullmatch(r"-?\d+", n) for n in names):
+            raise ValueError(f"a scale is LOW-HIGH (e.g. 0-4) or two or more names, lowest first "
+                             f"(e.g. none,mild,severe), got {spec!r}")  # fmt: skip
+        return cls(0, len(names) - 1, names)
+
+    @property
+    def spec(self) -> str:
+        """The scale as `parse` reads it (how models and indexes record it)."""
+        return ",".join(self.names) if self.names else f"{self.low}-{self.high}"
+
+    @property
+    def values(self) -> range:
+        """The grades, lowest first."""
+        return range(self.low, self.high + 1)
+
+    @property
+    def span(self) -> int:
+        """Distance between the lowest and highest grade (NDCG's normaliser)."""
+        return self.high - self.low
+
+    def __len__(self) -> int:
+        return self.high - self.low + 1
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) in self.values
+
+    def read(self, cell: str) -> int:
+        """A label cell as a grade: a whole number on the scale, or one of its names."""
+        text = cell.strip()
+        if text in self.names:
+            return self.low + self.names.index(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"grade {text!r} is not a whole number{' or a name' if self.names else ''} of the scale "
+                             f"{self.spec}") from None  # fmt: skip
+        if value not in self:
+            raise ValueError(f"grade {value} is outside the scale {self.spec}")
+        return value
 
 
-def is_grade(value: object) -> bool:
-    """Whether `value` is a grade of the scale (an integer, not a bool or a float)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) in GRADES
+ICDR = Scale(0, 4)  # the default: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 proliferative DR
+GRADES = ICDR.values
 
 
 class LabelError(FundusError):
@@ -109,12 +173,17 @@ def default_image_root(csv_path: Path) -> Path:
 
 
 def read_labels(
-    csv_path: str | Path, image_root: str | Path | None = None, *, require_grade: bool = True, require_files: bool = True
+    csv_path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    require_grade: bool = True,
+    require_files: bool = True,
+    scale: Scale = ICDR,
 ) -> list[Label]:
     """Rows of a label CSV, validated; fails at once naming the row.
 
-    Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not a
-    whole number of the scale (GRADES); with require_files, an image that does not exist under `image_root`.
+    Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not on
+    `scale` (a whole number in its range, or one of its names); with require_files, an image that does not exist under `image_root`.
     An empty grade cell is allowed (None) unless require_grade.
     """
     csv_path = Path(csv_path)
@@ -136,11 +205,9 @@ def read_labels(
             grade = None
             if raw or require_grade:
                 try:
-                    grade = int(raw)
-                except ValueError:
-                    raise LabelError(f"{where}: grade {raw!r} is not a whole number") from None
-                if grade not in GRADES:
-                    raise LabelError(f"{where}: grade {grade} is outside {GRADE_RANGE}")
+                    grade = scale.read(raw)
+                except ValueError as exc:
+                    raise LabelError(f"{where}: {exc}") from None
             path = root / row["image"]
             if require_files and not path.is_file():
                 raise LabelError(f"{where}: image not found at {path}")

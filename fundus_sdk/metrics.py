@@ -4,7 +4,8 @@ For a query of grade g and its top-k retrieved grades r_1..r_k (rel_i = [r_i == 
 - mHR@k:  precision@k, sum(rel_i) / k (the paper's "mean hit ratio");
 - mAP@k:  the paper's code: sum_i P@i * rel_i / k;
 - AP@k:   standard: sum_i P@i * rel_i / min(k, R), R = gallery cases of grade g;
-- NDCG@k: graded gain 1 - |g - r_i| / 4 (grades are ordinal), ideal ranking from the gallery.
+- NDCG@k: graded gain 1 - |g - r_i| / span (grades are ordinal; span = 4 on ICDR 0-4), ideal
+  ranking from the gallery.
 Each is averaged per query grade, over all queries ("micro") and over grades ("macro"), and
 reported next to its expected value under random ranking ("chance", from the class priors).
 """
@@ -13,18 +14,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from .labels import GRADES
+from .labels import ICDR
 from .tables import format_table
 
 METRICS = ("mHR", "mAP", "AP", "NDCG")
 
 
-def gain(query_grade: np.ndarray, grades: np.ndarray, max_grade: int = GRADES[-1]) -> np.ndarray:
-    """Graded relevance 1 - |g_q - g_r| / max_grade."""
-    return 1.0 - np.abs(np.asarray(query_grade) - np.asarray(grades)) / max_grade
+def gain(query_grade: np.ndarray, grades: np.ndarray, span: int = ICDR.span) -> np.ndarray:
+    """Graded relevance 1 - |g_q - g_r| / span, span being the scale's (fundus_sdk.labels.Scale)."""
+    return 1.0 - np.abs(np.asarray(query_grade) - np.asarray(grades)) / span
 
 
-def per_query(query_grades: np.ndarray, ranked: np.ndarray, gallery_grades: np.ndarray) -> dict[str, np.ndarray]:
+def per_query(
+    query_grades: np.ndarray, ranked: np.ndarray, gallery_grades: np.ndarray, span: int = ICDR.span
+) -> dict[str, np.ndarray]:
     """Each metric for each query; `ranked` (n_queries, k) holds retrieved grades, best first."""
     q = np.asarray(query_grades)[:, None]
     ranked = np.asarray(ranked)
@@ -36,10 +39,10 @@ def per_query(query_grades: np.ndarray, ranked: np.ndarray, gallery_grades: np.n
     gallery_grades = np.asarray(gallery_grades)
     n_relevant = (gallery_grades[None, :] == q).sum(axis=1)
     discount = 1.0 / np.log2(ranks + 1)
-    dcg = (gain(q, ranked) * discount).sum(axis=1)
+    dcg = (gain(q, ranked, span) * discount).sum(axis=1)
     ideal = np.empty(len(q))
     for g in np.unique(q):
-        best = np.sort(gain(g, gallery_grades))[::-1][:k]
+        best = np.sort(gain(g, gallery_grades, span))[::-1][:k]
         ideal[q[:, 0] == g] = (best * discount[: len(best)]).sum()
     return {
         "mHR": rel.mean(axis=1),
@@ -49,7 +52,9 @@ def per_query(query_grades: np.ndarray, ranked: np.ndarray, gallery_grades: np.n
     }
 
 
-def chance_per_grade(gallery_grades: np.ndarray, k: int, grades: list[int]) -> dict[str, dict[int, float]]:
+def chance_per_grade(
+    gallery_grades: np.ndarray, k: int, grades: list[int], span: int = ICDR.span
+) -> dict[str, dict[int, float]]:
     """Expected metrics under random ranking, per query grade (large-gallery approximation)."""
     gallery_grades = np.asarray(gallery_grades)
     values = np.unique(gallery_grades)
@@ -62,12 +67,13 @@ def chance_per_grade(gallery_grades: np.ndarray, k: int, grades: list[int]) -> d
         out["mHR"][g] = p
         out["mAP"][g] = ap
         out["AP"][g] = ap
-        out["NDCG"][g] = float((priors * gain(g, values)).sum())
+        out["NDCG"][g] = float((priors * gain(g, values, span)).sum())
     return out
 
 
-def evaluate(query_grades, ranked, gallery_grades) -> dict:
-    """Per-grade, micro and macro averages of every metric, and the same for chance.
+def evaluate(query_grades, ranked, gallery_grades, span: int = ICDR.span) -> dict:
+    """Per-grade, micro and macro averages of every metric, and the same for chance; `span` is
+    the grading scale's (NDCG's gain).
 
     Returns {"k", "n_queries", "grades", "per_grade": {metric: {grade: v}}, "micro": {metric: v},
     "macro": {metric: v}, "chance": {"per_grade", "micro", "macro"}, "query_counts": {grade: n}}.
@@ -75,11 +81,11 @@ def evaluate(query_grades, ranked, gallery_grades) -> dict:
     query_grades = np.asarray(query_grades)
     ranked = np.asarray(ranked)
     k = ranked.shape[1]
-    scores = per_query(query_grades, ranked, gallery_grades)
+    scores = per_query(query_grades, ranked, gallery_grades, span)
     grades = sorted(int(g) for g in np.unique(query_grades))
     counts = {g: int((query_grades == g).sum()) for g in grades}
     per_grade = {m: {g: float(scores[m][query_grades == g].mean()) for g in grades} for m in METRICS}
-    chance = chance_per_grade(gallery_grades, k, grades)
+    chance = chance_per_grade(gallery_grades, k, grades, span)
     weights = np.array([counts[g] for g in grades], dtype=np.float64) / len(query_grades)
     return {
         "k": k,
@@ -106,11 +112,13 @@ def rank_exact(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def retrieval_report(queries: np.ndarray, gallery: np.ndarray, query_grades, gallery_grades, k: int) -> dict:
+def retrieval_report(
+    queries: np.ndarray, gallery: np.ndarray, query_grades, gallery_grades, k: int, span: int = ICDR.span
+) -> dict:
     """Rank the gallery for each query (exact cosine) and evaluate: the report of `evaluate`."""
     gallery_grades = np.asarray(gallery_grades)
     ranked = rank_exact(queries, gallery, k)
-    return evaluate(query_grades, gallery_grades[ranked], gallery_grades)
+    return evaluate(query_grades, gallery_grades[ranked], gallery_grades, span)
 
 
 def format_report(report: dict) -> str:

@@ -21,6 +21,7 @@ from .errors import ImageError, ModelError, OnError, ProviderError, error_policy
 from .explain import Explanation
 from .gate import CALIBRATION_KEY, Gate, Signals, Verdict
 from .inputs import Decoded, ImageInput
+from .labels import ICDR, Scale
 from .preprocess import Prepared, Preprocess
 from .weights import WeightsError
 from .weights import fingerprint as weights_fingerprint
@@ -138,6 +139,10 @@ class Model:
             preprocess = Preprocess.from_metadata(meta)
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
+        try:
+            Scale.parse(meta.get(contract.SCALE, ICDR.spec))
+        except ValueError as exc:
+            raise ModelError(f"{path}: metadata {contract.SCALE!r}: {exc}") from exc
         check_graph(path, session, meta, preprocess)
         log.info("loaded model %s %s (%s) from %s on %s", meta[contract.NAME], meta[contract.VERSION],
                  meta[contract.FINGERPRINT][:12], path, ", ".join(session.get_providers()))  # fmt: skip
@@ -161,6 +166,11 @@ class Model:
     def name(self) -> str:
         """Name and version, e.g. "fundus-lite0-mirror 0.2.0"."""
         return f"{self.metadata[contract.NAME]} {self.metadata[contract.VERSION]}"
+
+    @property
+    def scale(self) -> Scale:
+        """The grading scale the model was trained on (ICDR 0-4 unless its metadata says otherwise)."""
+        return Scale.parse(self.metadata.get(contract.SCALE, ICDR.spec))
 
     @property
     def providers(self) -> list[str]:

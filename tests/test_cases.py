@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fundus_sdk import Index, LabelError, load_model
+from fundus_sdk import ICDR, Index, LabelError, Scale, load_model
 from fundus_sdk.filters import FilterError
 from fundus_sdk.labels import match_labels, parse_value, read_labels
 from tests.shared import eyepacs_sample, require_eyepacs
@@ -299,6 +299,30 @@ def test_values_parse_as_what_they_mean():
 
 
 # -- 7. reserved names ----------------------------------------------------------------------------------
+
+
+def test_a_scale_reads_its_values_and_names_and_refuses_what_is_off_it():
+    assert Scale.parse("0-4") == ICDR and ICDR.span == 4 and list(Scale.parse("1-3").values) == [1, 2, 3]
+    named = Scale.parse("none, mild ,severe")
+    assert named.spec == "none,mild,severe" and Scale.parse(named.spec) == named and named.span == 2
+    assert [named.read(c) for c in ("none", "mild", "severe", "1")] == [0, 1, 2, 1]
+    assert 2 in named and 3 not in named and True not in named and 1.0 not in named
+    for cell, message in (("3", "outside the scale none,mild,severe"), ("moderate", "not a whole number or a name")):
+        with pytest.raises(ValueError, match=message):
+            named.read(cell)
+    for spec in ("4-0", "x", "1,2", "a,,b", "a,a"):
+        with pytest.raises(ValueError):
+            Scale.parse(spec)
+
+
+def test_label_files_on_a_named_scale(tmp_path, photos):
+    rows = [[p.name, g] for p, g in zip(photos[:3], ("none", "severe", "mild"))]
+    labels = write_csv(tmp_path / "labels.csv", ["image", "grade"], rows)
+    scale = Scale.parse("none,mild,severe")
+    found = read_labels(labels, photos[0].parent, scale=scale)
+    assert [r.grade for r in found] == [0, 2, 1]
+    with pytest.raises(LabelError, match=r"row 2 .*'none' is not a whole number of the scale 0-4"):
+        read_labels(labels, photos[0].parent)
 
 
 def test_a_csv_with_sha256_and_path_columns_cannot_override_them(tmp_path, photos):

@@ -140,7 +140,7 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
     [
         ([{"image": "x.jpg"}], ["image"], "missing column"),
         ([{"image": "nowhere.jpg", "grade": 1}], ["image", "grade"], "row 2 .*not found"),
-        ([{"image": "PHOTO", "grade": 7}], ["image", "grade"], "row 2 .*outside 0-4"),
+        ([{"image": "PHOTO", "grade": 7}], ["image", "grade"], "row 2 .*outside the scale 0-4"),
         ([{"image": "PHOTO", "grade": "two"}], ["image", "grade"], "not a whole number"),
     ],
 )
@@ -323,6 +323,16 @@ def test_init_fine_tunes_from_a_checkpoint(whole_run, tmp_path):
     assert load_checkpoint(tuned).state["train_config"]["init"] == str(best)
 
 
+def test_init_from_a_model_of_another_scale_keeps_everything_but_the_grade_head(whole_run):
+    _, best = whole_run
+    ckpt = load_checkpoint(best)
+    net = FundusNet(replace(ckpt.config, num_classes=3), pretrained=False)
+    head = net.classifier.weight.detach().clone()
+    ckpt.load_weights_into(net)
+    assert torch.equal(net.classifier.weight, head)  # 3 classes here, 5 in the checkpoint: left as initialised
+    assert torch.equal(net.state_dict()["backbone.conv_stem.weight"], ckpt.state["model"]["backbone.conv_stem.weight"])
+
+
 def test_evaluate_reports_the_patient_split_and_the_papers_image_split(whole_run, tiny_data, capsys):
     from training.__main__ import main
 
@@ -360,3 +370,41 @@ def test_a_run_takes_a_toml_config_flags_win_and_the_run_records_it(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         config_flags(parser, ["train", "--config", str(config)])
     assert exit_info.value.code == Exit.USAGE and "unknown option 'frozen_blokcs' for train" in capsys.readouterr().err
+
+
+def test_a_named_scale_declared_with_the_run_reaches_the_model_the_index_and_evaluate(tiny_data, tmp_path):
+    """Three named classes instead of ICDR: read from label cells, one grade-head class each,
+    recorded in the checkpoint and the exported model, enforced by the index, used by evaluate."""
+    from click.testing import CliRunner
+
+    from export import export_checkpoint
+    from fundus_sdk import Index, Model, Scale
+    from fundus_sdk.cli import main as cli
+
+    names = ("none", "moderate", "severe")
+    with open(tiny_data, newline="") as f:
+        rows = [r | {"grade": names[(int(r["grade"]) + 1) // 2]} for r in csv.DictReader(f)]  # 0 | 1-2 | 3-4
+    data = write_csv(tmp_path / "labels.csv", rows, ["image", "grade", "patient", "split"])
+    with pytest.raises(LabelError, match=r"row 2 .*grade 'none' is not a whole number"):
+        read_labels(data)  # on ICDR the names mean nothing
+    cfg = replace(tiny_config(data, tmp_path / "run", tmp_path / "cache", labels=",".join(names)), epochs=1, batches_per_epoch=2)
+    best = load_checkpoint(train(cfg, ModelConfig(dim=32, input_size=96, frozen_blocks=0, num_classes=3)))
+    assert best.scale == Scale(0, 2, names) and best.state["model"]["classifier.weight"].shape[0] == 3
+    assert set(best.state["test"]["per_grade"]["mHR"]) <= {0, 1, 2} and best.state["data"]["train"]["scale"] == ",".join(names)
+    onnx = tmp_path / "three.onnx"
+    export_checkpoint(best.path, onnx, verify_images=[Path(r["image"]) for r in rows[:2]], version="0.0.1")
+    model = Model.load(onnx)
+    assert model.scale == Scale(0, 2, names)
+    with Index.create(tmp_path / "cases", model=model) as ix:
+        assert ix.scale == model.scale
+        vectors = model.embed([r["image"] for r in rows[:12]])
+        ix.add(vectors, [{"grade": names.index(r["grade"])} for r in rows[:12]], model_fingerprint=model.fingerprint)
+        with pytest.raises(ValueError, match="grade must be an integer of the scale none,moderate,severe, got 3"):
+            ix.add(vectors[:1], [{"grade": 3}], model_fingerprint=model.fingerprint)
+    queries = write_csv(tmp_path / "queries.csv", [{"image": r["image"], "grade": r["grade"]} for r in rows[12:20]], ["image", "grade"])
+    result = CliRunner().invoke(cli, ["evaluate", "--index", str(tmp_path / "cases"), "--queries", str(queries),
+                                      "--model", str(onnx), "-k", "3", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["grades"]) <= {0, 1, 2} and report["n_queries"] == 8
+    assert 0 <= report["micro"]["NDCG"] <= 1  # gains over the span of 2, not ICDR's 4

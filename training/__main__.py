@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from fundus_sdk.errors import Exit
@@ -35,6 +35,11 @@ def add_data_and_model(p: argparse.ArgumentParser) -> None:
         "`train` records the options it ran with as OUT/run.toml",
     )  # fmt: skip
     p.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
+    p.add_argument(
+        "--labels", default=TrainConfig.labels, metavar="SCALE",
+        help="the grading scale: LOW-HIGH (ICDR 0-4, or e.g. 1-3) or named classes lowest first (e.g. "
+        "none,mild,severe); label cells and grade folders hold its values or names. The model records it",
+    )  # fmt: skip
     p.add_argument("--backbone", default=ModelConfig.backbone, help="timm model name")
     p.add_argument("--frozen-blocks", type=int, default=ModelConfig.frozen_blocks)
     p.add_argument("--input-size", type=int, default=ModelConfig.input_size, help="pixels (photos are resized to it)")
@@ -136,7 +141,7 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
         pretrained=not opts.get("no_pretrained", False),
         preprocess=Preprocess(recipe=args.recipe),
     )
-    return cfg, model_cfg
+    return cfg, replace(model_cfg, num_classes=len(cfg.scale))  # one grade-head class per grade
 
 
 def config_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

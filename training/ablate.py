@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from fundus_sdk import metrics
-from fundus_sdk.labels import GRADES
 from fundus_sdk.tables import format_table
 
 from .cache import clean_maps_by_split, embed_maps
@@ -52,7 +51,7 @@ def untrained_report(cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
     maps, grades, is_test = clean_maps_by_split(net, cfg)
     desc = embed_maps(net, maps, pooled=True)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    return metrics.retrieval_report(desc[is_test], desc[~is_test], grades[is_test], grades[~is_test], cfg.k)
+    return metrics.retrieval_report(desc[is_test], desc[~is_test], grades[is_test], grades[~is_test], cfg.k, cfg.scale.span)
 
 
 def inference_ms(model_cfg: ModelConfig, threads: int, batch: int = 16) -> float:
@@ -127,7 +126,7 @@ def table(results: list[dict], costs: dict[str, dict], base: TrainConfig) -> str
     summary.append(["chance", ""] + [f"{chance[avg][m]:.3f}" for m, avg in averages] + ["", "", ""])
     head = ["variant", "seeds", *(f"{m}@{k} {avg}" for m, avg in averages), "train s", "backbone passes", "ms/image"]
     lines = rows(head, summary)
-    grades = list(GRADES)
+    grades = list(base.scale.values)
     for m in metrics.METRICS:
         body = [
             [name] + [cell([r["report"]["per_grade"][m].get(str(g)) for r in runs]) for g in grades]

@@ -16,6 +16,7 @@ import torch
 
 from fundus_sdk.atomic import write_atomically
 from fundus_sdk.errors import one_line
+from fundus_sdk.labels import ICDR, Scale
 from fundus_sdk.preprocess import Preprocess
 
 from .model import ExportModule, FundusNet, ModelConfig
@@ -39,10 +40,23 @@ class Checkpoint:
     def train_config(self) -> dict:
         return self.state.get("train_config") or {}
 
+    @property
+    def scale(self) -> Scale:
+        """The grading scale the run was trained on (runs from before scales were recorded: ICDR)."""
+        return Scale.parse(self.train_config.get("labels", ICDR.spec))
+
     def load_weights_into(self, net: FundusNet) -> Path:
-        """Copy this checkpoint's weights into `net` (same architecture); returns the path."""
+        """Copy this checkpoint's weights into `net` (same architecture); returns the path.
+
+        A grade head sized for another scale (fine-tuning on a hospital's own grading) is left
+        as `net` initialised it; every other weight must fit.
+        """
+        state = dict(self.state["model"])
+        own = net.state_dict()
+        for name in [k for k in state if k.startswith("classifier.") and k in own and own[k].shape != state[k].shape]:
+            state[name] = own[name]
         try:
-            net.load_state_dict(self.state["model"])
+            net.load_state_dict(state)
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: weights do not fit {net.config.backbone} ({one_line(exc)})") from exc
         return self.path

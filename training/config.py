@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from fundus_sdk.labels import Scale
 from fundus_sdk.preprocess import Preprocess
 
 from .data import Record, read_source, split_by_patient, train_test
@@ -20,6 +21,7 @@ VAL_GALLERY = 2000  # validation ranks against about this many training photos (
 @dataclass
 class TrainConfig:
     data: str
+    labels: str = "0-4"  # the grading scale (fundus_sdk.labels.Scale.parse): ICDR by default
     out: str = "runs/default"
     epochs: int = 6
     aug_views: int = 2
@@ -52,6 +54,13 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.preprocess, dict):  # as stored in a checkpoint
             self.preprocess = Preprocess(**self.preprocess)
+        Scale.parse(self.labels)  # ValueError naming the form
+
+    @property
+    def scale(self) -> Scale:
+        """The run's grading scale: label cells and grade folders are read on it, the grade head
+        has one class per grade, and NDCG uses its span."""
+        return Scale.parse(self.labels)
 
     def preprocess_for(self, model_cfg: ModelConfig) -> Preprocess:
         """This run's preprocessing at the model's input size: the one source of the input size."""
@@ -60,7 +69,7 @@ class TrainConfig:
 
 def split_records(cfg: TrainConfig) -> tuple[list[Record], list[Record], list[Record]]:
     """(fit, validation, test): the data's train/test split, validation carved from train by patient."""
-    train_recs, test_recs = train_test(read_source(cfg.data), cfg.data_seed)
+    train_recs, test_recs = train_test(read_source(cfg.data, cfg.scale), cfg.data_seed)
     if cfg.limit:
         train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
     fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)

@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 
 from fundus_sdk import labels
 from fundus_sdk.inputs import IMAGE_SUFFIXES
-from fundus_sdk.labels import GRADE_RANGE, GRADES, LabelError
+from fundus_sdk.labels import ICDR, LabelError, Scale
 
 DATA_ENV = "FUNDUS_SDK_DATA"  # a labelled data set (a folder holding labels.csv and images/)
 
@@ -32,42 +32,44 @@ class Record:
     split: str = ""
 
 
-def read_labels(csv_path: str | Path, image_root: str | Path | None = None) -> list[Record]:
-    """Records from a label CSV (see fundus_sdk.labels): image, grade, optional patient, split.
-
-    Without a patient column each image is its own patient.
+def read_labels(csv_path: str | Path, image_root: str | Path | None = None, scale: Scale = ICDR) -> list[Record]:
+    """Records from a label CSV (see fundus_sdk.labels): image, grade on `scale`, optional
+    patient, split. Without a patient column each image is its own patient.
     """
     return [
         Record(lab.path, lab.grade, (lab.fields.get("patient") or "").strip() or lab.image, (lab.fields.get("split") or "").strip())
-        for lab in labels.read_labels(csv_path, image_root)
+        for lab in labels.read_labels(csv_path, image_root, scale=scale)
     ]
 
 
-def read_folder(root: str | Path) -> list[Record]:
-    """Records from a folder laid out as root/<grade>/<image> (grades as in fundus_sdk.labels)."""
+def read_folder(root: str | Path, scale: Scale = ICDR) -> list[Record]:
+    """Records from a folder laid out as root/<grade>/<image>, sub-folders named by the grades
+    (or the names) of `scale`."""
     root = Path(root)
     records = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if not sub.name.isdigit() or int(sub.name) not in GRADES:
-            raise LabelError(f"{sub}: sub-folders must be named by grade {GRADE_RANGE}")
+        try:
+            grade = scale.read(sub.name)
+        except ValueError as exc:
+            raise LabelError(f"{sub}: sub-folders must be named by the grades of the scale {scale.spec} ({exc})") from None
         records += [
-            Record(p, int(sub.name), p.stem)
+            Record(p, grade, p.stem)
             for p in sorted(sub.iterdir())
             if p.suffix.lower() in IMAGE_SUFFIXES
         ]
     if not records:
-        raise LabelError(f"{root}: no images in grade sub-folders {GRADES[0]}/ .. {GRADES[-1]}/")
+        raise LabelError(f"{root}: no images in grade sub-folders (the scale {scale.spec})")
     return records
 
 
-def read_source(source: str | Path) -> list[Record]:
-    """A labels CSV, a data-set folder holding labels.csv, or a grade-folder tree."""
+def read_source(source: str | Path, scale: Scale = ICDR) -> list[Record]:
+    """A labels CSV, a data-set folder holding labels.csv, or a grade-folder tree, graded on `scale`."""
     source = Path(source)
     if source.is_dir() and (source / "labels.csv").is_file():
-        return read_labels(source / "labels.csv")
+        return read_labels(source / "labels.csv", scale=scale)
     if source.is_dir():
-        return read_folder(source)
-    return read_labels(source)
+        return read_folder(source, scale)
+    return read_labels(source, scale=scale)
 
 
 def split_by_patient(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -31,7 +31,8 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, image_split_seed: int
     torch.set_num_threads(cfg.threads)
     ckpt = load_checkpoint(checkpoint)
     net = ckpt.network()
-    cfg = replace(cfg, preprocess=ckpt.preprocess, data_seed=ckpt.train_config.get("data_seed", cfg.data_seed))
+    run = ckpt.train_config
+    cfg = replace(cfg, preprocess=ckpt.preprocess, data_seed=run.get("data_seed", cfg.data_seed), labels=ckpt.scale.spec)
     fit, val, test = split_records(cfg)
     everyone = fit + val + test
     device = resolve_device(cfg.device)
@@ -44,6 +45,10 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, image_split_seed: int
     is_query = np.zeros(len(ok), dtype=bool)
     is_query[held_out] = True
     return {
-        "patient": metrics.retrieval_report(vectors[is_test], vectors[~is_test], grades[is_test], grades[~is_test], cfg.k),
-        "image": metrics.retrieval_report(vectors[is_query], vectors[~is_query], grades[is_query], grades[~is_query], cfg.k),
+        "patient": metrics.retrieval_report(
+            vectors[is_test], vectors[~is_test], grades[is_test], grades[~is_test], cfg.k, cfg.scale.span
+        ),
+        "image": metrics.retrieval_report(
+            vectors[is_query], vectors[~is_query], grades[is_query], grades[~is_query], cfg.k, cfg.scale.span
+        ),
     }

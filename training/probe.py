@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fundus_sdk.labels import GRADES
 from fundus_sdk.tables import format_table
 
 from .cache import clean_maps_by_split, embed_maps
@@ -38,10 +37,11 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def linear_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, grades: int = len(GRADES),
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, grades: int,
     steps: int = 1500, weight_decay: float = 1e-2, seed: int = 0,
 ) -> np.ndarray:
-    """Log-probabilities on `x_test` of a softmax classifier fitted to (x_train, y_train).
+    """Log-probabilities on `x_test` of a softmax classifier fitted to (x_train, y_train), whose
+    labels are class indices 0 .. grades - 1.
 
     Classes are weighted by inverse frequency (every grade counts equally) and the features are
     standardised with the training statistics; full-batch Adam, a fixed number of steps.
@@ -75,21 +75,23 @@ def probe(cfg: TrainConfig, model_cfg: ModelConfig, checkpoint: str | None = Non
         net = ckpt.module().net
         run = ckpt.train_config  # the run's split and preprocessing: its trunk cache is reused
         cfg = replace(
-            cfg, preprocess=ckpt.preprocess,
+            cfg, preprocess=ckpt.preprocess, labels=ckpt.scale.spec,
             val_fraction=run.get("val_fraction", cfg.val_fraction), data_seed=run.get("data_seed", cfg.data_seed),
         )
     else:
         net = FundusNet(replace(model_cfg, mirroring="none"), pretrained=True)
+    scale = cfg.scale
     maps, grades, is_test = clean_maps_by_split(net, cfg)
+    classes = grades - scale.low  # the scale's lowest grade is class 0
     pooled = embed_maps(net, maps, pooled=True)
-    logp = linear_probe(pooled[~is_test], grades[~is_test], pooled[is_test])
-    truth, predicted = grades[is_test], logp.argmax(1)
+    logp = linear_probe(pooled[~is_test], classes[~is_test], pooled[is_test], len(scale))
+    truth, predicted = classes[is_test], logp.argmax(1)
     report: dict = {"model": checkpoint or f"{model_cfg.backbone} (ImageNet, untrained)", "grades": {}}
-    for g in GRADES:
-        mine = truth == g
-        entry = {"queries": int(mine.sum()), "recall": float((predicted[mine] == g).mean()) if mine.any() else None}
-        if g:  # how well the classifier's own score for g ranks grade g above grade 0
-            score = logp[:, g] - logp[:, 0]
+    for c, g in enumerate(scale.values):
+        mine = truth == c
+        entry = {"queries": int(mine.sum()), "recall": float((predicted[mine] == c).mean()) if mine.any() else None}
+        if c:  # how well the classifier's own score for g ranks grade g above the lowest grade
+            score = logp[:, c] - logp[:, 0]
             entry["auc_vs_grade_0"] = auc(score[mine], score[truth == 0])
         report["grades"][g] = entry
     report["balanced_accuracy"] = float(np.mean([e["recall"] for e in report["grades"].values() if e["recall"] is not None]))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fundus_sdk import metrics
-from fundus_sdk.labels import GRADES
+from fundus_sdk.labels import Scale
 
 from .cache import CachedTrunk
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -42,13 +42,14 @@ def selection_score(report: dict) -> float:
     return report["micro"]["mHR"] + report["macro"]["mHR"]
 
 
-def data_summary(name: str, records: list[Record]) -> dict:
+def data_summary(name: str, records: list[Record], scale: Scale) -> dict:
     grades = [r.grade for r in records]
     return {
         "name": name,
         "images": len(records),
         "patients": len({r.patient for r in records}),
-        "grades": {g: grades.count(g) for g in GRADES},
+        "scale": scale.spec,
+        "grades": {g: grades.count(g) for g in scale.values},
     }
 
 
@@ -91,6 +92,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     fit_idx = np.flatnonzero(source.ok & (splits == 0))
     val_idx = np.flatnonzero(source.ok & (splits == 1))
     fit_grades, val_grades = grades[fit_idx], grades[val_idx]
+    fit_classes = fit_grades - cfg.scale.low  # the grade head's targets: 0 .. len(scale) - 1
+    span = cfg.scale.span
     log(f"training input ready in {time.time() - started:.0f}s ({source.root})")
 
     new_params = [p for n, p in net.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
@@ -114,8 +117,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         log(f"resumed from {out / 'last.pt'} at epoch {start_epoch}")
 
     summary = {
-        "train": data_summary("fit", [everyone[i] for i in fit_idx]),
-        "validation": data_summary("validation", [everyone[i] for i in val_idx]),
+        "train": data_summary("fit", [everyone[i] for i in fit_idx], cfg.scale),
+        "validation": data_summary("validation", [everyone[i] for i in val_idx], cfg.scale),
         "source": str(cfg.data),
     }
 
@@ -136,7 +139,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         seed = cfg.seed * 1000 + epoch
         sampler = BalancedBatches(fit_grades, cfg.batch_size, steps, seed, cfg.balance_power)
         losses = []
-        bar = tqdm(source.batches(fit_idx, fit_grades, sampler, seed, device), total=steps,
+        bar = tqdm(source.batches(fit_idx, fit_classes, sampler, seed, device), total=steps,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr)
         for x, y in bar:
             with autocast(device):
@@ -161,7 +164,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         else:
             gallery = fit_idx[:: max(1, len(fit_idx) // VAL_GALLERY)]  # a fixed slice: choosing epochs only
             report = metrics.retrieval_report(
-                source.embed(net, val_idx, device), source.embed(net, gallery, device), val_grades, grades[gallery], cfg.k
+                source.embed(net, val_idx, device), source.embed(net, gallery, device), val_grades, grades[gallery], cfg.k,
+                span,
             )
             score = selection_score(report)
             history[-1] |= {"val_mHR": report["micro"]["mHR"], "val_macro_mHR": report["macro"]["mHR"]}
@@ -185,7 +189,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     gallery_idx = np.flatnonzero(source.ok & (splits < 2))
     test_idx = np.flatnonzero(source.ok & (splits == 2))
     test_report = metrics.retrieval_report(
-        source.embed(net, test_idx, device), source.embed(net, gallery_idx, device), grades[test_idx], grades[gallery_idx], cfg.k
+        source.embed(net, test_idx, device), source.embed(net, gallery_idx, device), grades[test_idx], grades[gallery_idx], cfg.k,
+        span,
     )
     best_state["test"] = test_report
     best_state["train_seconds"] = time.time() - started
