@@ -236,8 +236,9 @@ def check_metadata(meta: dict[str, Any] | None, scale: Scale = ICDR) -> tuple[in
 
 
 class _Matches(NamedTuple):
-    keys: np.ndarray
+    keys: np.ndarray  # (count,), or (queries, count) for a batch
     distances: np.ndarray
+    counts: np.ndarray | None = None  # for a batch: how many of each row's entries are real
 
 
 class _Overlay:
@@ -263,10 +264,18 @@ class _Overlay:
         self.gone |= {int(k) for k in keys} - {int(k) for k in self.keys[added]}
         self.keys, self.vecs = self.keys[~added], self.vecs[~added]
 
-    def search(self, vec: np.ndarray, count: int, exact: bool = False) -> _Matches:
-        keys, distances = self.keys, 1.0 - self.vecs @ vec
+    def search(self, vecs: np.ndarray, count: int, exact: bool = False) -> _Matches:
+        """Like usearch's search: one query (1-D) or a batch (2-D, with counts)."""
+        if vecs.ndim == 2:
+            rows = [self.search(v, count, exact) for v in vecs]
+            keys = np.zeros((len(rows), count), np.uint64)
+            distances = np.full((len(rows), count), np.nan, np.float32)
+            for i, r in enumerate(rows):
+                keys[i, : len(r.keys)], distances[i, : len(r.keys)] = r.keys, r.distances
+            return _Matches(keys, distances, np.array([len(r.keys) for r in rows]))
+        keys, distances = self.keys, 1.0 - self.vecs @ vecs
         if len(self.base):
-            found = self.base.search(vec, min(len(self.base), count + len(self.gone)), exact=exact)
+            found = self.base.search(vecs, min(len(self.base), count + len(self.gone)), exact=exact)
             keep = np.fromiter((int(k) not in self.gone for k in found.keys), bool, len(found.keys))
             keys = np.concatenate([found.keys[keep].astype(np.uint64), keys])
             distances = np.concatenate([found.distances[keep], distances])
@@ -1207,7 +1216,10 @@ class Index:
         vecs = self._vectors_given(queries)
         if vecs is None:
             vecs, _ = self.embed_queries(as_list(queries), check)
-        return BatchHits([self._search_one(v, k, allowed) for v in np.atleast_2d(vecs)])
+        vecs = np.atleast_2d(vecs)
+        if allowed is None:  # one batched search (usearch runs it on every core)
+            return BatchHits([self._hits(keys, sims) for keys, sims in self._nearest(vecs, k)])
+        return BatchHits([self._search_one(v, k, allowed) for v in vecs])
 
     def embed_queries(self, queries: list[ImageInput], check: bool = True) -> tuple[np.ndarray, list[Verdict | None]]:
         """The vectors `search` uses for image queries, with the input gate's verdicts.
@@ -1233,14 +1245,23 @@ class Index:
         rows = self._conn.execute(f"SELECT key FROM cases WHERE {condition}", params).fetchall()
         return np.array([r[0] for r in rows], dtype=np.uint64)
 
-    def _search_one(self, vec: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Hit]:
+    def _nearest(self, vecs: np.ndarray, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(keys, similarities) of the `count` nearest cases to each row of `vecs`, best first, by
+        one search: exact up to `exact_below` cases, else through the HNSW graph."""
+        total = len(self._vectors)
+        if total == 0 or count <= 0:
+            return [(np.empty(0, np.uint64), np.empty(0, np.float32)) for _ in vecs]
+        found = self._vectors.search(vecs if len(vecs) > 1 else vecs[0], min(count, total), exact=total <= self.exact_below)
+        if len(vecs) == 1:
+            return [(found.keys, 1.0 - found.distances)]
+        return [(found.keys[i, :c], 1.0 - found.distances[i, :c]) for i, c in enumerate(found.counts)]
+
+    def _search_one(self, vec: np.ndarray, k: int, allowed: np.ndarray) -> list[Hit]:
+        """The k nearest cases among the `allowed` keys."""
         total = len(self._vectors)
         if total == 0 or k <= 0:
             return []
         exact = total <= self.exact_below
-        if allowed is None:
-            found = self._vectors.search(vec, min(k, total), exact=exact)
-            return self._hits(found.keys, 1.0 - found.distances)
         if len(allowed) == 0:
             return []
         want = min(k, len(allowed))

@@ -37,6 +37,11 @@ RUN_CHUNK = 2
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
 
 
+# ONNX Runtime's threads busy-wait after each operator unless told not to; several processes
+# embedding at once on the same cores then burn each other's time (benchmarks/concurrent_embed.py).
+SPIN_WAIT = False
+
+
 def default_model_path() -> Path:
     """Path of the model bundled with the package."""
     return Path(str(resources.files("fundus_sdk") / "models" / DEFAULT_MODEL))
@@ -110,6 +115,9 @@ class Model:
             raise ValueError(f"threads must be at least 1, got {threads}")
         wanted = resolve_providers(providers)
         options = ort.SessionOptions()
+        if not SPIN_WAIT:
+            for pool in ("intra_op", "inter_op"):
+                options.add_session_config_entry(f"session.{pool}.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:

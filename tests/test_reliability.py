@@ -340,3 +340,17 @@ def test_damaged_database_pages_are_one_line_naming_the_index(tmp_path, model):
                               capture_output=True, text=True, cwd=REPO)  # fmt: skip
         assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
         assert f"error: {tmp_path / 'cases'}: cannot read cases.sqlite (database disk image is malformed)" in proc.stderr
+
+
+def test_a_batch_search_finds_what_one_query_at_a_time_finds(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 60, log_limit=0)
+    queries = unit(7, model.dim, seed=11)
+    with Index.open(tmp_path / "cases", model=model) as writer:
+        writer.add(unit(5, model.dim, seed=12), model_fingerprint=model.fingerprint)  # logged, not in the file
+        writer.remove([3])
+        with Index.open(tmp_path / "cases", read_only=True) as reader:
+            for ix in (writer, reader):
+                batch = ix.search_batch(queries, k=8)
+                assert [[h.key for h in hits] for hits in batch] == [[h.key for h in ix.search(q, k=8)] for q in queries]
+                assert all(len(hits) == 8 and 3 not in {h.key for h in hits} for hits in batch)
+            assert [hits[0].key for hits in reader.search_batch(vectors[:4], k=1)][:2] == [1, 2]
