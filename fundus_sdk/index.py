@@ -287,13 +287,16 @@ class Index:
     """A persistent case index. Create with `Index.create`, open with `Index.open`.
 
     Indexes of up to `exact_below` cases are searched exactly (brute force takes about a
-    millisecond there); larger ones use usearch's HNSW graph with a search depth of
-    `expansion_search`, four times usearch's default of 64, because recall@10 at 64 was poor
-    (0.59 against 0.94 at 256 on 6,000 random 256-d vectors). Speed and recall at 100k and
-    more: benchmarks/RESULTS.md.
+    millisecond there); larger ones use usearch's HNSW graph, built with `connectivity` links
+    per node and `expansion_add`, searched at depth `expansion_search` (four times usearch's
+    default of 64, whose recall@10 was poor). The three are recorded in each index when it is
+    created and read back when it is opened. Recall and speed at 100k and 1M cases:
+    benchmarks/search_recall.py and benchmarks/RESULTS.md.
     """
 
     exact_below = 20_000
+    connectivity = 16  # usearch's default
+    expansion_add = 128  # usearch's default
     expansion_search = 256
     lock_timeout = 30.0  # seconds a writer waits for another process's write to finish
     log_limit = 4096  # changes logged in SQLite before the vector file is rewritten (see `_commit`)
@@ -426,6 +429,9 @@ class Index:
             "generation": "0",
             "vectors_generation": "0",
             "scale": m.scale.spec,
+            "connectivity": str(cls.connectivity),
+            "expansion_add": str(cls.expansion_add),
+            "expansion_search": str(cls.expansion_search),
             "created": now(),
             PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
@@ -575,7 +581,14 @@ class Index:
         return int(self._info.get("vectors_generation", self._info["generation"]))
 
     def _new_usearch(self) -> _USearch:
-        return _USearch(ndim=self.dim, metric="cos", dtype=self._info["dtype"], expansion_search=self.expansion_search)
+        return _USearch(
+            ndim=self.dim, metric="cos", dtype=self._info["dtype"], connectivity=self._graph("connectivity"),
+            expansion_add=self._graph("expansion_add"), expansion_search=self._graph("expansion_search"),
+        )  # fmt: skip
+
+    def _graph(self, name: str) -> int:
+        """An HNSW setting as recorded at creation (indexes from before: the class's value)."""
+        return int(self._info.get(name, getattr(type(self), name)))
 
     @contextmanager
     def _read_snapshot(self) -> Iterator[None]:
@@ -651,7 +664,7 @@ class Index:
             vectors = _USearch.restore(str(file), view=self.read_only)
         except Exception:  # usearch raises plain RuntimeErrors for damaged files
             return None
-        vectors.expansion_search = self.expansion_search
+        vectors.expansion_search = self._graph("expansion_search")
         return _Overlay(vectors) if self.read_only else vectors
 
     def _vectors_from_sqlite(self) -> _USearch:

@@ -250,3 +250,15 @@ def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path,
     assert len(list(path.glob("vectors-*.usearch"))) == 2  # the orphaned next generation is on disk
     assert assert_consistent(path) == 4
     assert len(list(path.glob("vectors-*.usearch"))) == 1
+
+
+def test_the_graph_settings_are_recorded_at_creation_and_used_after(tmp_path, model, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(Index, "connectivity", 24)
+        m.setattr(Index, "expansion_search", 300)
+        Index.create(tmp_path / "ix", model=model).close()
+    assert (Index.connectivity, Index.expansion_search) != (24, 300)  # the class is back to its defaults
+    with Index.open(tmp_path / "ix", model=model) as ix:
+        ix.add(unit(np.random.default_rng(0), 30, model.dim), model_fingerprint=model.fingerprint)
+        assert ix.info()["connectivity"] == "24" and ix._vectors.connectivity == 24
+        assert ix._vectors.expansion_search == 300
