@@ -295,7 +295,7 @@ class Index:
     """
 
     exact_below = 20_000
-    connectivity = 16  # usearch's default
+    connectivity = 32  # usearch's default is 16: recall@10 0.969 at 1M clustered vectors, 32: 0.993
     expansion_add = 128  # usearch's default
     expansion_search = 256
     lock_timeout = 30.0  # seconds a writer waits for another process's write to finish

@@ -271,7 +271,7 @@ def test_linear_probe_finds_a_grade_written_into_the_features_and_nothing_in_noi
     signal[:, 3] += 1.5 * grades  # one feature carries the grade
     fit, held_out = slice(0, 700), slice(700, None)
     for features, low, high in ((signal, 0.95, 1.0), (noise, 0.35, 0.65)):
-        logp = linear_probe(features[fit], grades[fit], features[held_out])
+        logp = linear_probe(features[fit], grades[fit], features[held_out], 5)
         score, truth = logp[:, 2] - logp[:, 0], grades[held_out]
         assert low <= auc(score[truth == 2], score[truth == 0]) <= high
     assert auc(np.array([1.0, 2.0]), np.array([1.0])) == 0.75  # a tie counts half
