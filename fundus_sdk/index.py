@@ -973,7 +973,8 @@ class Index:
             )
         inputs = list(vecs) if vecs is not None else as_list(items)
         n = len(inputs)
-        meta = [check_metadata(m, self.scale) for m in (metadata if metadata is not None else [None] * n)]
+        scale = self.scale
+        meta = [check_metadata(m, scale) for m in (metadata if metadata is not None else [None] * n)]
         for name, given in (("metadata", meta), ("paths", paths), ("hashes", hashes)):
             if given is not None and len(given) != n:
                 raise ValueError(f"{n} inputs but {len(given)} {name}")

@@ -183,7 +183,8 @@ def read_labels(
     """Rows of a label CSV, validated; fails at once naming the row.
 
     Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not on
-    `scale` (a whole number in its range, or one of its names); with require_files, an image that does not exist under `image_root`.
+    `scale` (a whole number in its range, or one of its names); with require_files, an image
+    that does not exist under `image_root`.
     An empty grade cell is allowed (None) unless require_grade.
     """
     csv_path = Path(csv_path)
