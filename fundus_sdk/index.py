@@ -235,6 +235,14 @@ def check_metadata(meta: dict[str, Any] | None, scale: Scale = ICDR) -> tuple[in
     return (None if grade is None else int(grade)), extra
 
 
+def _apply(vectors: _USearch | _Overlay, keys: np.ndarray, vecs: np.ndarray, removed: np.ndarray) -> None:
+    """Bring `vectors` up to date with logged changes (the net effect `Index._logged` read)."""
+    if len(removed):
+        vectors.remove(removed)
+    if len(keys):
+        vectors.add(keys, vecs)
+
+
 class _Matches(NamedTuple):
     keys: np.ndarray  # (count,), or (queries, count) for a batch
     distances: np.ndarray
@@ -346,10 +354,7 @@ class Index:
         if self._base <= self._loaded:  # the same vector file: apply only the changes logged since
             count, keys, vecs, removed = self._logged(since=self._loaded)
             if self._base <= self._loaded:
-                if len(removed):
-                    self._vectors.remove(removed)
-                if len(keys):
-                    self._vectors.add(keys, vecs)
+                _apply(self._vectors, keys, vecs, removed)
                 if len(self._vectors) == count:
                     self._loaded = self.generation
                     return True
@@ -638,10 +643,7 @@ class Index:
         else:
             vectors = None
         if vectors is not None:
-            if len(removed):
-                vectors.remove(removed)
-            if len(keys):
-                vectors.add(keys, vecs)
+            _apply(vectors, keys, vecs, removed)
         self._rebuilt = vectors is None or len(vectors) != count
         if self._rebuilt:
             log.warning("%s: vector file missing, damaged or stale; rebuilding it from %s (%d cases)",

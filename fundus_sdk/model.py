@@ -148,14 +148,15 @@ class Model:
             preprocess = Preprocess.from_metadata(meta)
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
-        try:
-            Scale.parse(meta.get(contract.SCALE, ICDR.spec))
-        except ValueError as exc:
-            raise ModelError(f"{path}: metadata {contract.SCALE!r}: {exc}") from exc
         check_graph(path, session, meta, preprocess)
         log.info("loaded model %s %s (%s) from %s on %s", meta[contract.NAME], meta[contract.VERSION],
                  meta[contract.FINGERPRINT][:12], path, ", ".join(session.get_providers()))  # fmt: skip
-        return cls(path, session, meta, preprocess)
+        model = cls(path, session, meta, preprocess)
+        try:
+            model.scale
+        except ValueError as exc:
+            raise ModelError(f"{path}: metadata {contract.SCALE!r}: {exc}") from exc
+        return model
 
     def __repr__(self) -> str:
         return f"<Model {self.name}: dim {self.dim}, input {self.preprocess.size} px, {', '.join(self.providers)}>"
@@ -176,7 +177,7 @@ class Model:
         """Name and version, e.g. "fundus-lite0-mirror 0.2.0"."""
         return f"{self.metadata[contract.NAME]} {self.metadata[contract.VERSION]}"
 
-    @property
+    @cached_property
     def scale(self) -> Scale:
         """The grading scale the model was trained on (ICDR 0-4 unless its metadata says otherwise)."""
         return Scale.parse(self.metadata.get(contract.SCALE, ICDR.spec))
