@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Any, Union
 
@@ -222,11 +224,10 @@ class Model:
     ) -> Iterator[Batch]:
         """Embed in batches, each a `Batch` of vectors, identities, gate verdicts and errors.
 
-        Decoding and preprocessing run in `workers` threads while the model runs, at most a few
+        Decoding and preprocessing run in `workers` threads while the model runs, at most three
         batches ahead. Images that fail yield an ImageError instead of a vector. With `check`
         (and a calibrated model) each vector comes with the input gate's Verdict, else None.
         """
-        items = list(images)
 
         def prepare(item: ImageInput) -> tuple[Prepared, Decoded] | ImageError:
             try:
@@ -234,24 +235,28 @@ class Model:
             except ImageError as exc:
                 return exc
 
+        source = iter(images)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            window = batch_size * 4
-            for start in range(0, len(items), window):
-                prepared = list(pool.map(prepare, items[start : start + window]))
-                for b in range(0, len(prepared), batch_size):
-                    chunk = prepared[b : b + batch_size]
-                    ok = [(start + b + i, r) for i, r in enumerate(chunk) if not isinstance(r, ImageError)]
-                    vectors = (
-                        self.run(np.stack([r[0].pixels for _, r in ok]))
-                        if ok
-                        else np.zeros((0, self.dim), np.float32)
-                    )
-                    verdicts = [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)]
-                    yield Batch(
-                        [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok], verdicts,
-                        [r for r in chunk if isinstance(r, ImageError)],
-                        [r[1].metadata for _, r in ok], [r[1].identifiers for _, r in ok],
-                    )  # fmt: skip
+            pending: deque[Future] = deque()
+
+            def top_up() -> None:
+                for item in islice(source, 3 * batch_size - len(pending)):
+                    pending.append(pool.submit(prepare, item))
+
+            top_up()
+            start = 0
+            while pending:
+                chunk = [pending.popleft().result() for _ in range(min(batch_size, len(pending)))]
+                top_up()  # the workers prepare the next batches while the model runs this one
+                ok = [(start + i, r) for i, r in enumerate(chunk) if not isinstance(r, ImageError)]
+                vectors = self.run(np.stack([r[0].pixels for _, r in ok])) if ok else np.zeros((0, self.dim), np.float32)
+                verdicts = [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)]
+                yield Batch(
+                    [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok], verdicts,
+                    [r for r in chunk if isinstance(r, ImageError)],
+                    [r[1].metadata for _, r in ok], [r[1].identifiers for _, r in ok],
+                )  # fmt: skip
+                start += len(chunk)
 
     def embed(
         self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = 16, on_error: OnError = "raise"

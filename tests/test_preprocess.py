@@ -12,6 +12,8 @@ from fundus_sdk.errors import ImageError
 from fundus_sdk.inputs import decode
 from fundus_sdk.preprocess import (
     Preprocess,
+    _box_sum,
+    _brightness,
     equalise_channels,
     fov_box,
     fov_mask,
@@ -225,6 +227,28 @@ def test_lcn_output_is_scale_free():
     a = local_contrast_normalise(img, 8, 32).astype(float)
     b = local_contrast_normalise(dim, 8, 32).astype(float)
     assert np.abs(a - b).mean() < 2.5
+
+
+@pytest.mark.parametrize("shape, radius", [((96, 80, 4), 12), ((64, 64), 3), ((5, 7, 4), 12), ((1, 1), 1)])
+def test_box_sums_equal_numpy_cumsum_to_the_bit(shape, radius):
+    # The row-at-a-time running sum must give exactly what the cumsum formula gives, on both axes
+    # and for windows wider than the array: embeddings of every existing index depend on it.
+    a = (np.random.default_rng(1).random(shape) * 255).astype(np.float32)
+    for axis in (0, 1):
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (radius + 1, radius)
+        c = np.cumsum(np.pad(a, pad), axis=axis)
+        n = a.shape[axis]
+        want = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis) - np.take(c, np.arange(n), axis=axis)
+        assert np.array_equal(_box_sum(a, radius, axis), want)
+        assert np.array_equal(_box_sum(a, radius, axis, passes=2), _box_sum(_box_sum(a, radius, axis), radius, axis))
+
+
+def test_brightness_threshold_is_that_of_np_percentile(retina):
+    for rgb in (np.asarray(retina), np.full((40, 40, 3), 7, np.uint8), np.arange(300 * 3, dtype=np.uint8).reshape(30, 10, 3)):
+        lum, threshold = _brightness(rgb)
+        assert np.array_equal(lum, rgb.max(axis=2).astype(np.float32))
+        assert threshold == max(10.0, 0.08 * float(np.percentile(lum, 99)))
 
 
 def test_metadata_round_trip_and_unknown_recipe():
