@@ -1,12 +1,17 @@
 """Draft-mode JPEG decoding (the runtime's path) vs a full decode, on 4-18 megapixel photos.
 
-Why: clinic cameras write 10-20 megapixel JPEGs but the model sees 256x256. The runtime
+Why: clinic cameras write 10-20 megapixel JPEGs but the model sees 256 px of detail. The runtime
 (fundus_sdk.preprocess.Preprocess) opens JPEGs in PIL's draft mode, which lets libjpeg decode
-at 1/2, 1/4 or 1/8 scale (never below twice the output size). This measures images/s of the
-whole decode + preprocess path with draft decoding against the naive path (PIL open, full
-decode), both followed by the same crop, resize and contrast normalisation
-(Preprocess.from_pil), and how much the final 256x256 uint8 arrays differ (mean, 99th
-percentile and max absolute difference, in grey levels).
+at 1/2, 1/4 or 1/8 scale (never below twice the output size). This measures, with the model's
+own preprocessing (bundled model, or --model):
+- images/s of the whole decode + preprocess path with draft decoding against the naive path
+  (PIL open, full decode), both followed by the same crop, resize and normalisation
+  (Preprocess.from_pil), and how much the final uint8 arrays differ (mean, 99th percentile and
+  max absolute difference, in grey levels);
+- the cost of a raw photo against the same photo pre-shrunk to 512 px on its short side (the
+  runtime path on both), and the floor under it: decoding the raw file at libjpeg's smallest
+  scale (1/8) and nothing else, which no choice of draft scale can beat;
+- how far each path moves the model's embedding from that of the full decode (cosine).
 
 The large photos are made on the fly in a temporary directory from tests/fixtures/retina.jpg
 (a raw 1411x1411 fundus photo): the disc is upscaled to the photo's height and centred on a
@@ -27,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fundus_sdk import load_model
 from fundus_sdk.inputs import decode
-from fundus_sdk.preprocess import Preprocess
 from fundus_sdk.tables import format_table
 
 from .common import RETINA, measure, print_header, ratio
@@ -45,7 +50,7 @@ def parse_args() -> argparse.Namespace:
                    metavar="WxH", help="photo sizes to make (default: 2000x2000 3000x3000 4000x3000 5184x3456)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the made photos (default 95)")
     p.add_argument("--noise", type=float, default=2.0, help="std of the added Gaussian noise, grey levels (default 2)")
-    p.add_argument("--size", type=int, default=256, help="preprocessed output size (default 256, the model's)")
+    p.add_argument("--model", type=Path, help="ONNX model whose preprocessing is used (default: the bundled one)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per path and photo (default 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     return p.parse_args()
@@ -63,11 +68,29 @@ def make_photo(source: Image.Image, width: int, height: int, noise: float, quali
     return path
 
 
+def shrunk(path: Path, short_side: int, quality: int) -> Path:
+    """A copy of the JPEG at `path` resized to `short_side` px on its short side, as a clinic might export it."""
+    with Image.open(path) as photo:
+        scale = short_side / min(photo.size)
+        small = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC)
+    out = path.with_name(f"{path.stem}-{short_side}.jpg")
+    small.save(out, quality=quality)
+    return out
+
+
+def smallest_scale_decode(path: Path) -> None:
+    """Decode only, at libjpeg's smallest scale (1/8): the least any draft decode can cost."""
+    with Image.open(path) as photo:
+        photo.draft("RGB", (photo.width // 8, photo.height // 8))
+        photo.load()
+
+
 def main() -> None:
     args = parse_args()
     print_header("decode_speed: draft-mode JPEG decode + preprocess vs full decode + preprocess", ["numpy", "pillow"])
-    preprocess = Preprocess(size=args.size)
-    draft_size = 2 * args.size  # what Preprocess.load asks decode() for
+    model = load_model(args.model, threads=1)
+    preprocess = model.preprocess
+    draft_size = 2 * preprocess.size  # what Preprocess.decode asks decode() for
 
     def draft(path: Path) -> np.ndarray:
         return preprocess(path)
@@ -83,7 +106,11 @@ def main() -> None:
             path = make_photo(source, width, height, args.noise, args.quality, Path(tmp) / f"retina-{width}x{height}.jpg")
             t_draft = measure(lambda path=path: draft(path), args.repeats, args.warmup)
             t_full = measure(lambda path=path: full(path), args.repeats, args.warmup)
+            small = shrunk(path, 512, args.quality)
+            t_small = measure(lambda small=small: draft(small), args.repeats, args.warmup)
+            t_floor = measure(lambda path=path: smallest_scale_decode(path), args.repeats, args.warmup)
             diff = np.abs(draft(path).astype(np.int16) - full(path).astype(np.int16))
+            ref, drafted, copy = model.run(np.stack([full(path), draft(path), draft(small)]))
             decoded = decode(path, draft_size=draft_size).image.size
             rows.append([
                 f"{width}x{height}",
@@ -98,14 +125,24 @@ def main() -> None:
                 f"{diff.mean():.2f}",
                 f"{np.percentile(diff, 99):.0f}",
                 int(diff.max()),
+                ratio(t_small.rate(1), t_draft.rate(1)),
+                ratio(t_small.rate(1), t_floor.rate(1)),
+                f"{ref @ drafted:.4f}",
+                f"{ref @ copy:.4f}",
             ])
-    print(f"output {args.size}x{args.size}; draft mode asks libjpeg for >= {draft_size}x{draft_size}; "
+    size = preprocess.size
+    print(f"output {size}x{size} (detail {preprocess.detail_size or size} px); draft mode asks libjpeg for >= {draft_size}x{draft_size}; "
           f"JPEG quality {args.quality}, noise std {args.noise}; one thread; {args.repeats} timed runs each")
     print(format_table(["photo", "MP", "file MB", "draft decodes at", "draft img/s", "full img/s", "speed-up",
-                 "draft median [range]", "full median [range]", "mean |diff|", "p99 |diff|", "max |diff|"], rows))
+                 "draft median [range]", "full median [range]", "mean |diff|", "p99 |diff|", "max |diff|",
+                 "raw vs 512 px", "1/8 decode alone vs 512 px", "cos draft", "cos 512 px"], rows))
     print("\nspeed-up = draft images/s / full images/s; |diff| = absolute difference of the two final "
-          f"{args.size}x{args.size}x3 uint8 arrays, grey levels (0-255); differences above ~64 are "
-          "field-of-view edge pixels one path's mask keeps and the other sets to 128")
+          f"{size}x{size}x3 uint8 arrays, grey levels (0-255); differences above ~64 are "
+          "field-of-view edge pixels one path's mask keeps and the other sets to 128;\n"
+          "raw vs 512 px = the cost of the raw photo (draft decode + preprocess) over that of the same photo "
+          "pre-shrunk to 512 px on its short side; 1/8 decode alone = decoding the raw file at libjpeg's "
+          "smallest scale and nothing else, over the whole 512 px path; cos = cosine of the model's embedding of the "
+          "draft path / of the 512 px copy to that of the full decode")
 
 
 if __name__ == "__main__":
