@@ -56,6 +56,29 @@ def test_batch_size_does_not_change_vectors(model, photos):
     np.testing.assert_allclose(model.embed(photos, batch_size=1), model.embed(photos, batch_size=4), atol=1e-5)
 
 
+def test_iter_embed_reads_ahead_a_bounded_way_and_keeps_order(model, photos, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    items = [photos[i % len(photos)] for i in range(9)]
+    items[4] = bad
+    pulled = []
+
+    def source():
+        for i, item in enumerate(items):
+            pulled.append(i)
+            yield item
+
+    batches = model.iter_embed(source(), batch_size=2, check=False)
+    first = next(batches)
+    # the next batches are being prepared while the model runs, but never the whole input at once
+    assert 2 < len(pulled) <= 4 * 2
+    done = [first, *batches]
+    assert [i for b in done for i in b.positions] == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert [str(e.source) for b in done for e in b.errors] == [str(bad)]
+    expected = model.embed([item for item in items if item != bad])
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in done]), expected, atol=1e-5)
+
+
 def test_run_calls_the_graph_in_chunks_with_the_same_result(model, photos, monkeypatch):
     x = np.stack([model.preprocess(p) for p in photos])  # 5: not a multiple of the chunk
     whole = model.run(x)
