@@ -109,8 +109,9 @@ def main() -> None:
             small = shrunk(path, 512, args.quality)
             t_small = measure(lambda small=small: draft(small), args.repeats, args.warmup)
             t_floor = measure(lambda path=path: smallest_scale_decode(path), args.repeats, args.warmup)
-            diff = np.abs(draft(path).astype(np.int16) - full(path).astype(np.int16))
-            ref, drafted, copy = model.run(np.stack([full(path), draft(path), draft(small)]))
+            raw_draft, raw_full = draft(path), full(path)
+            diff = np.abs(raw_draft.astype(np.int16) - raw_full.astype(np.int16))
+            ref, drafted, copy = model.run(np.stack([raw_full, raw_draft, draft(small)]))
             decoded = decode(path, draft_size=draft_size).image.size
             rows.append([
                 f"{width}x{height}",
