@@ -90,7 +90,7 @@ def main() -> None:
     print_header("decode_speed: draft-mode JPEG decode + preprocess vs full decode + preprocess", ["numpy", "pillow"])
     model = load_model(args.model, threads=1)
     preprocess = model.preprocess
-    draft_size = 2 * preprocess.size  # what Preprocess.decode asks decode() for
+    draft_size = preprocess.draft_size
 
     def draft(path: Path) -> np.ndarray:
         return preprocess(path)

@@ -95,9 +95,14 @@ class Preprocess:
     def __call__(self, image: ImageInput) -> np.ndarray:
         return self.prepare(self.decode(image)).pixels
 
+    @property
+    def draft_size(self) -> int:
+        """The least size JPEGs are decoded at (draft mode): twice the output, for the resize to average."""
+        return 2 * self.size
+
     def decode(self, image: ImageInput) -> Decoded:
         """Decode an input at the resolution this preprocessing needs (see fundus_sdk.inputs)."""
-        return decode(image, draft_size=2 * self.size)
+        return decode(image, draft_size=self.draft_size)
 
     def load(self, image: ImageInput) -> tuple[Prepared, Decoded]:
         """The preprocessed photo and what decoding found (sha256, DICOM header: fundus_sdk.inputs.Decoded)."""

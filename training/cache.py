@@ -36,7 +36,7 @@ def _prepare(job: tuple[str, int, int, dict]) -> np.ndarray | str:
     path, view, data_seed, pp_params = job
     pp = Preprocess(**pp_params)
     try:
-        pil = decode(path, draft_size=2 * pp.size).image
+        pil = decode(path, draft_size=pp.draft_size).image
         if view > 0:
             # keyed by file name, so a view does not depend on how the data folder was spelt
             pil = augment(pil, random.Random(f"{data_seed}:{view}:{Path(path).name}"))

@@ -53,7 +53,7 @@ class PhotoBank:
 
     def __init__(self, records: Sequence[Record], preprocess: Preprocess, workers: int = 2, log=print) -> None:
         self.records, self.preprocess = list(records), preprocess
-        jobs = [(str(r.path), 2 * preprocess.size) for r in self.records]
+        jobs = [(str(r.path), preprocess.draft_size) for r in self.records]
         self.photos: list[np.ndarray | None] = []
         with mp.get_context("fork").Pool(max(1, workers)) as pool:
             for res in tqdm(pool.imap(_decode, jobs, chunksize=16), total=len(jobs), desc="decoding photos", file=sys.stderr):
