@@ -12,6 +12,7 @@ fingerprint, and so every index built with the file, stays valid.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from fundus_sdk.atomic import write_atomically
-from fundus_sdk.contract import ATTENTION_NAME, INPUT_NAME, OUTPUT_NAME
+from fundus_sdk.contract import ATTENTION_NAME, INPUT_NAME, MEMBERS, OUTPUT_NAME
 
 from .errors import ExportError
 from .graph import copy_model, save_model
@@ -47,14 +48,34 @@ def feature_side(model: onnx.ModelProto, softmax: str) -> int:
     return side
 
 
+def member_weights(model: onnx.ModelProto, networks: int) -> list[float]:
+    """Each network's share of the map: 1 for a single network, an ensemble's recorded weights."""
+    if networks == 1:
+        return [1.0]
+    recorded = next((p.value for p in model.metadata_props if p.key == MEMBERS), None)
+    weights = [float(m["weight"]) for m in json.loads(recorded)] if recorded else []
+    if len(weights) != networks:
+        raise ExportError(f"the graph holds {networks} attention networks but its metadata records {len(weights)} member weights")
+    return weights
+
+
 def add_attention_output(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with the float32 (batch, side, side) output `attention` added."""
+    """A copy of `model` with the float32 (batch, side, side) output `attention` added.
+
+    An ensemble (export/ensemble.py) holds two Softmax nodes per network, network by network: its
+    map is the networks' maps weighted as its metadata records, as a fresh ensemble's is.
+    """
     if any(o.name == ATTENTION_NAME for o in model.graph.output):
         raise ExportError(f"the graph already has an output {ATTENTION_NAME!r}")
     views = softmax_outputs(model)
-    if len(views) != 2:
-        raise ExportError(f"expected the two Softmax nodes of mirror attention, found {len(views)} (a model without attention has no map)")
-    side = feature_side(model, views[0])
+    if not views or len(views) % 2:
+        raise ExportError(f"expected two Softmax nodes of mirror attention per network, found {len(views)} (a model without attention has no map)")
+    pairs = [views[i : i + 2] for i in range(0, len(views), 2)]
+    weights = member_weights(model, len(pairs))
+    sides = {feature_side(model, pair[0]) for pair in pairs}
+    if len(sides) != 1:
+        raise ExportError(f"the networks' feature maps differ in size ({sorted(sides)}): their maps cannot be averaged")
+    side = sides.pop()
     out = copy_model(model)
     g = out.graph
 
@@ -63,14 +84,20 @@ def add_attention_output(model: onnx.ModelProto) -> onnx.ModelProto:
         return name
 
     axes = const("attention_axes", [1], TensorProto.INT64)  # the mirrored (query) positions
-    half = const("attention_half", [0.5], TensorProto.FLOAT)
     shape = const("attention_shape", [0, side, side], TensorProto.INT64)  # 0: keep the batch size
-    means = []
-    for i, view in enumerate(views):
-        means.append(f"attention_view{i}")
-        g.node.append(helper.make_node("ReduceMean", [view, axes], [means[-1]], keepdims=0))
-    g.node.append(helper.make_node("Add", means, ["attention_sum"]))
-    g.node.append(helper.make_node("Mul", ["attention_sum", half], ["attention_flat"]))
+    flats = []
+    for j, (pair, weight) in enumerate(zip(pairs, weights)):
+        tag = "" if len(pairs) == 1 else str(j)
+        means = []
+        for i, view in enumerate(pair):
+            means.append(f"attention{tag}_view{i}")
+            g.node.append(helper.make_node("ReduceMean", [view, axes], [means[-1]], keepdims=0))
+        g.node.append(helper.make_node("Add", means, [f"attention{tag}_sum"]))
+        half = const(f"attention{tag}_half", [0.5 * weight], TensorProto.FLOAT)  # the two views' mean, weighted
+        flats.append(f"attention{tag}_flat")
+        g.node.append(helper.make_node("Mul", [f"attention{tag}_sum", half], [flats[-1]]))
+    if len(flats) > 1:
+        g.node.append(helper.make_node("Sum", flats, ["attention_flat"]))
     g.node.append(helper.make_node("Reshape", ["attention_flat", shape], [ATTENTION_NAME]))
     g.output.append(helper.make_tensor_value_info(ATTENTION_NAME, TensorProto.FLOAT, ["batch", side, side]))
     return out

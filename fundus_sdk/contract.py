@@ -5,7 +5,8 @@ one ONNX graph: input `image`, uint8 (batch, size, size, 3) RGB as produced by
 `fundus_sdk.preprocess.Preprocess`; output `embedding`, float32 (batch, dim), unit L2 norm;
 optionally a second output `attention`, float32 (batch, side, side): the mirror-attention map on
 the last feature map's grid, each map summing to 1 (models without mirror attention lack it, and
-the runtime asks a model's session which outputs it has).
+the runtime asks a model's session which outputs it has). An ensemble (export/ensemble.py) is
+such a graph too: its members run side by side on the one input.
 Every metadata value is a string (ONNX metadata_props); structured values are JSON.
 """
 
@@ -34,6 +35,7 @@ TRAINING_DATA = "training.data"  # JSON summary of the training data
 LICENCE = "training.licence"  # licence note on the weights / training data
 METRICS = "evaluation.metrics"  # JSON: retrieval metrics on the held-out test split
 SCALE = "labels.scale"  # the grading scale, as fundus_sdk.labels.Scale.spec writes it; absent: ICDR "0-4"
+MEMBERS = "model.members"  # ensembles only (export/ensemble.py): JSON list of {name, version, fingerprint, weight}
 # plus the preprocessing keys of fundus_sdk.preprocess.Preprocess.to_metadata(): "preprocess.*"
 
 REQUIRED = (FORMAT, NAME, VERSION, DIM, FINGERPRINT, INPUT_SIZE)

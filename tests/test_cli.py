@@ -605,11 +605,12 @@ def test_embed_to_stdout_and_refused_targets(tmp_path):
     text = run("embed", str(photos), "-o", "-", "-q")
     assert text.returncode == EXIT_OK, text.stderr
     row = json.loads(text.stdout.splitlines()[0])
-    assert row["path"].endswith("retina.jpg") and len(row["vector"]) == 256 and "embedded 1 images" in text.stderr
+    dim = load_model().dim
+    assert row["path"].endswith("retina.jpg") and len(row["vector"]) == dim and "embedded 1 images" in text.stderr
     binary = subprocess.run([sys.executable, "-m", "fundus_sdk", "embed", str(photos), "-o", "-", "--format", "npz", "-q"],
                             capture_output=True, check=True).stdout  # fmt: skip
     with np.load(io.BytesIO(binary)) as data:
-        assert data["vectors"].shape == (1, 256)
+        assert data["vectors"].shape == (1, dim)
     os.mkfifo(tmp_path / "pipe.npz")  # like /dev/stdout: never to be replaced by a file
     for target, words in (("x.csv", "cannot tell the format"), ("pipe.npz", "not a regular file")):
         refused = run("embed", str(photos), "-o", str(tmp_path / target), "-q")

@@ -323,3 +323,60 @@ def test_missing_checkpoint_and_missing_calibration(tmp_path, capsys):
     assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
     with pytest.raises(ExportError, match="calibration"):
         export_checkpoint(tmp_path / "nope.pt", tmp_path / "m.onnx", precision="int8")
+
+
+@pytest.fixture(scope="module")
+def tiny_ensemble(tmp_path_factory, tiny, eyepacs_dir: Path):
+    """(member paths, weights, ensemble path): the tiny model and a perturbed copy of it, 0.7 : 0.3."""
+    from export.ensemble import ensemble_files
+
+    root = tmp_path_factory.mktemp("ensemble")
+    net = trained_like(TINY, pretrained=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other = export_checkpoint(save_checkpoint(root / "other.pt", net), root / "other.onnx",
+                              verify_images=eyepacs_dir / "images", name="tiny", version="9.9.8")  # fmt: skip
+    members = [tiny[1].path, other.path]
+    out = root / "both.onnx"
+    ensemble_files(members, [7, 3], out, name="tiny-pair", version="1.0.0", verify_images=eyepacs_dir / "images")
+    return members, np.array([0.7, 0.3]), out
+
+
+def test_ensemble_cosine_is_the_weighted_mean_of_its_members(tiny_ensemble, photos):
+    from fundus_sdk.model import Model
+
+    members, weights, path = tiny_ensemble
+    parts = [Model.load(p, providers="cpu") for p in members]
+    both = Model.load(path, providers="cpu")
+    vectors = [m.embed(photos) for m in parts]
+    ensemble = both.embed(photos)
+    assert both.dim == sum(m.dim for m in parts)
+    np.testing.assert_allclose(np.linalg.norm(ensemble, axis=1), 1.0, atol=1e-5)
+    assert np.abs(vectors[0] - vectors[1]).max() > 0.05  # the members differ
+    np.testing.assert_allclose(ensemble, np.hstack([np.sqrt(w) * v for w, v in zip(weights, vectors)]), atol=1e-5)
+    expected = sum(w * (v @ v.T) for w, v in zip(weights, vectors))
+    np.testing.assert_allclose(ensemble @ ensemble.T, expected, atol=1e-5)
+    maps = [m.explain(photos[:3]) for m in (*parts, both)]
+    for a, b, e in zip(*maps):
+        np.testing.assert_allclose(e.attention, 0.7 * a.attention + 0.3 * b.attention, atol=1e-6)
+        assert e.attention.sum() == pytest.approx(1.0, abs=1e-3)
+    recorded = json.loads(both.metadata[contract.MEMBERS])
+    assert [r["fingerprint"] for r in recorded] == [m.fingerprint for m in parts]
+    assert [r["weight"] for r in recorded] == pytest.approx([0.7, 0.3])
+    assert both.fingerprint not in {m.fingerprint for m in parts}
+
+
+def test_ensemble_refuses_members_fed_differently(tiny, lite0, tmp_path, eyepacs_dir, capsys):
+    from export.ensemble import main as ensemble_main
+
+    out = tmp_path / "mixed.onnx"
+    argv = [str(tiny[1].path), str(lite0[1].path), "--weights", "1", "1", "-o", str(out),
+            "--name", "x", "--version", "1", "--verify-images", str(eyepacs_dir / "images")]  # fmt: skip
+    assert ensemble_main(argv) == Exit.FATAL
+    err = capsys.readouterr().err
+    assert "disagree on input.size" in err and "tiny.onnx: '128'" in err
+    assert ensemble_main([*argv[:3], "1", *argv[5:]]) == Exit.FATAL
+    assert "one positive weight per member" in capsys.readouterr().err
+    assert not out.exists()
