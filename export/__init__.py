@@ -8,7 +8,8 @@
 One self-contained file per precision: input `image` uint8 (batch, S, S, 3) RGB, output
 `embedding` float32 (batch, D), unit norm; metadata per fundus_sdk/contract.py. Every export is
 checked against the torch model on real photographs before it is written. Command line:
-`python -m export --help`; comparing variants: `python -m export.compare --help`.
+`python -m export --help`; comparing variants: `python -m export.compare --help`; several models as
+one file: `python -m export.ensemble --help`.
 """
 
 from .errors import ExportError

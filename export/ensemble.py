@@ -44,7 +44,8 @@ def _shared_metadata(metas: Sequence[dict[str, str]], paths: Sequence[Path]) -> 
 
 
 def compose_models(models: Sequence[onnx.ModelProto], weights: Sequence[float]) -> onnx.ModelProto:
-    """One graph running `models` on one shared input, descriptors concatenated as the module says."""
+    """One graph running `models` on one shared input: the descriptors weighted and concatenated as the
+    module docstring says; the attention output only when every member has one."""
     explains = [any(o.name == contract.ATTENTION_NAME for o in m.graph.output) for m in models]
     graph_nodes, initializers, outputs = [], [], []
     for i, (model, weight) in enumerate(zip(models, weights)):

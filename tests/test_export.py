@@ -380,3 +380,25 @@ def test_ensemble_refuses_members_fed_differently(tiny, lite0, tmp_path, eyepacs
     assert ensemble_main([*argv[:3], "1", *argv[5:]]) == Exit.FATAL
     assert "one positive weight per member" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_explain_restores_an_ensembles_map_with_its_weights(tiny_ensemble, photos, tmp_path):
+    from export.attention import add_attention_output
+
+    _, _, path = tiny_ensemble
+    graph = onnx.load(path)
+    fresh = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    images = np.stack([Preprocess.from_metadata(read_metadata(path))(p) for p in photos[:3]])
+    reference = fresh.run(None, {"image": images})
+    for field, keep in ((graph.graph.output, lambda o: o.name == "embedding"),
+                        (graph.graph.node, lambda n: n.output[0] != "attention")):  # fmt: skip
+        kept = [item for item in field if keep(item)]
+        del field[:]
+        field.extend(kept)  # as if exported without the map
+    restored = ort.InferenceSession(add_attention_output(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+    vectors, maps = restored.run(["embedding", "attention"], {"image": images})
+    np.testing.assert_array_equal(vectors, reference[0])
+    np.testing.assert_allclose(maps, reference[1], atol=1e-7)  # 0.7 and 0.3 of the two networks' maps
+    del graph.metadata_props[:]  # without the recorded weights the map cannot be weighted
+    with pytest.raises(ExportError, match="2 attention networks but its metadata records 0 member weights"):
+        add_attention_output(graph)
