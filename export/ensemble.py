@@ -28,7 +28,7 @@ from fundus_sdk.preprocess import Preprocess
 from .errors import ExportError
 from .exporter import write_verified
 from .metadata import fingerprint, write_metadata
-from .verify import embed, load_images, sample_files, session
+from .verify import load_images, sample_files, session
 
 SHARED = (contract.INPUT_SIZE, contract.PRECISION, contract.SCALE, contract.FORMAT)  # plus every preprocess.* key
 
@@ -124,12 +124,11 @@ def ensemble_files(
     write_metadata(model, meta)
 
     images = load_images(sample_files(verify_images, 7), Preprocess.from_metadata(first))
-    sessions = [session(p) for p in paths]
-    reference = np.concatenate([np.sqrt(x) * embed(s, images) for x, s in zip(w, sessions)], axis=1)
+    names = [o.name for o in model.graph.output]  # the embedding, and the attention when every member has it
+    runs = [session(p).run(names, {contract.INPUT_NAME: images}) for p in paths]
+    reference = np.concatenate([np.sqrt(x) * r[0] for x, r in zip(w, runs)], axis=1)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    attention = None
-    if contract.ATTENTION_NAME in (o.name for o in model.graph.output):
-        attention = sum(x * s.run([contract.ATTENTION_NAME], {contract.INPUT_NAME: images})[0] for x, s in zip(w, sessions))
+    attention = sum(x * r[1] for x, r in zip(w, runs)) if len(names) > 1 else None
     return write_verified(model, Path(output), reference, images, first[contract.PRECISION], attention)
 
 
