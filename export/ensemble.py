@@ -28,7 +28,7 @@ from fundus_sdk.preprocess import Preprocess
 from .errors import ExportError
 from .exporter import write_verified
 from .metadata import fingerprint, write_metadata
-from .verify import load_images, sample_files, session
+from .verify import VERIFY_BATCH, load_images, sample_files, session
 
 SHARED = (contract.INPUT_SIZE, contract.PRECISION, contract.SCALE, contract.FORMAT)  # plus every preprocess.* key
 
@@ -46,7 +46,7 @@ def _shared_metadata(metas: Sequence[dict[str, str]], paths: Sequence[Path]) -> 
 def compose_models(models: Sequence[onnx.ModelProto], weights: Sequence[float]) -> onnx.ModelProto:
     """One graph running `models` on one shared input: the descriptors weighted and concatenated as the
     module docstring says; the attention output only when every member has one."""
-    explains = [any(o.name == contract.ATTENTION_NAME for o in m.graph.output) for m in models]
+    explained = all(any(o.name == contract.ATTENTION_NAME for o in m.graph.output) for m in models)
     graph_nodes, initializers, outputs = [], [], []
     for i, (model, weight) in enumerate(zip(models, weights)):
         member = compose.add_prefix(model, f"m{i}/")
@@ -59,13 +59,13 @@ def compose_models(models: Sequence[onnx.ModelProto], weights: Sequence[float]) 
             numpy_helper.from_array(np.array(weight, np.float32), f"ensemble/weight{i}"),
         ]
         graph_nodes.append(helper.make_node("Mul", [f"m{i}/{contract.OUTPUT_NAME}", f"ensemble/scale{i}"], [f"ensemble/d{i}"]))
-        if all(explains):
+        if explained:
             graph_nodes.append(helper.make_node("Mul", [f"m{i}/{contract.ATTENTION_NAME}", f"ensemble/weight{i}"], [f"ensemble/a{i}"]))
     graph_nodes.append(helper.make_node("Concat", [f"ensemble/d{i}" for i in range(len(models))], ["ensemble/concat"], axis=1))
     graph_nodes.append(helper.make_node("LpNormalization", ["ensemble/concat"], [contract.OUTPUT_NAME], axis=1, p=2))
     dim = sum(m.graph.output[0].type.tensor_type.shape.dim[1].dim_value for m in models)
     outputs.append(helper.make_tensor_value_info(contract.OUTPUT_NAME, onnx.TensorProto.FLOAT, ["batch", dim]))
-    if all(explains):
+    if explained:
         side = [d.dim_value for d in next(o for o in models[0].graph.output if o.name == contract.ATTENTION_NAME).type.tensor_type.shape.dim[1:]]
         graph_nodes.append(helper.make_node("Sum", [f"ensemble/a{i}" for i in range(len(models))], [contract.ATTENTION_NAME]))
         outputs.append(helper.make_tensor_value_info(contract.ATTENTION_NAME, onnx.TensorProto.FLOAT, ["batch", *side]))
@@ -123,7 +123,7 @@ def ensemble_files(
     meta[contract.FINGERPRINT] = fingerprint(model, meta)
     write_metadata(model, meta)
 
-    images = load_images(sample_files(verify_images, 7), Preprocess.from_metadata(first))
+    images = load_images(sample_files(verify_images, VERIFY_BATCH), Preprocess.from_metadata(first))
     names = [o.name for o in model.graph.output]  # the embedding, and the attention when every member has it
     runs = [session(p).run(names, {contract.INPUT_NAME: images}) for p in paths]
     reference = np.concatenate([np.sqrt(x) * r[0] for x, r in zip(w, runs)], axis=1)
