@@ -126,3 +126,32 @@ def test_cli_names_rejected_files_and_carries_verdicts(tmp_path, model):
     dark_retina().save(dark)
     result = runner.invoke(main, ["search", str(dark), "--index", str(ix)])
     assert result.exit_code == Exit.OK and "warning:" in result.stderr and "underexposed" in result.stderr
+
+
+def noise_disc(seed: int = 0) -> Image.Image:
+    """Red-tinted noise inside a disc on black: a fundus photo's framing and colour with no anatomy."""
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((512, 512, 1)) * [255, 90, 40]).astype(np.uint8)
+    yy, xx = np.mgrid[-1:1:512j, -1:1:512j]
+    return Image.fromarray(np.where((xx**2 + yy**2 < 0.9)[:, :, None], pixels, 0).astype(np.uint8))
+
+
+def test_noise_framed_as_a_fundus_photo_is_refused_for_its_structure(model, eyepacs_dir):
+    assert "structure" in model.gate.limits, "recalibrate the bundled model (python -m export.gate)"
+    photos = [p for p, _ in eyepacs_sample(20)]
+    photo_structure = [model.preprocess.load(p)[0].signals.structure for p in [*photos, RETINA]]
+    assert min(photo_structure) > model.gate.limits["structure"]
+    noise = model.check(noise_disc())[0]
+    assert not noise.fundus and any(r.startswith("no vessel-scale structure") for r in noise.reasons), noise
+    blurred = model.check(noise_disc().filter(ImageFilter.GaussianBlur(2)))[0]  # now it has structure
+    assert not any(r.startswith("no vessel-scale structure") for r in blurred.reasons), blurred
+
+
+def test_a_calibration_from_before_the_structure_signal_still_judges(model):
+    old = Gate.from_json(model.gate.to_json())
+    old.limits.pop("structure")
+    old.typical.pop("structure")
+    prepared = model.preprocess.load(noise_disc())[0]
+    verdict = old.judge(model.run(prepared.pixels[None]), prepared.signals, model.preprocess.size // 2)
+    assert not any(r.startswith("no vessel-scale structure") for r in verdict.reasons), verdict
+    assert verdict.reasons, "the descriptor distance still refuses it"
