@@ -155,3 +155,14 @@ def test_a_calibration_from_before_the_structure_signal_still_judges(model):
     verdict = old.judge(model.run(prepared.pixels[None]), prepared.signals, model.preprocess.size // 2)
     assert not any(r.startswith("no vessel-scale structure") for r in verdict.reasons), verdict
     assert verdict.reasons, "the descriptor distance still refuses it"
+
+
+def test_window_sums_match_the_sums_they_stand_for():
+    from fundus_sdk.gate import _window_sums
+
+    x = np.random.default_rng(0).random((2, 20, 23))
+    for radius, sums in zip((1, 4), _window_sums(x)):
+        padded = np.pad(x, ((0, 0), (radius, radius), (radius, radius)))
+        k = 2 * radius + 1
+        direct = np.array([[[padded[c, i : i + k, j : j + k].sum() for j in range(23)] for i in range(20)] for c in range(2)])
+        assert np.allclose(sums, direct)
