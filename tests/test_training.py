@@ -18,10 +18,10 @@ from PIL import Image
 from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
 from tests.shared import FIXTURES, eyepacs_sample
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import LabelError, read_labels
-from training.evaluate import evaluate_checkpoint
+from training.evaluate import embed_members, evaluate, sweep_weights
 from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, ordinal_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
 from training.probe import auc, linear_probe
@@ -340,12 +340,60 @@ def test_evaluate_reports_the_patient_split_and_the_papers_image_split(whole_run
     assert main(["evaluate", "--data", str(tiny_data), "--checkpoint", str(best)]) == Exit.OK
     out = capsys.readouterr().out
     assert "patient split" in out and "image split" in out
-    reports = evaluate_checkpoint(TrainConfig(data=str(tiny_data)), str(best))
+    reports = evaluate(embed_members(TrainConfig(data=str(tiny_data)), [str(best)]))
     with open(tiny_data, newline="") as f:
         rows = [r for r in csv.DictReader(f) if "broken" not in r["image"]]
     assert reports["patient"]["n_queries"] == sum(r["split"] == "test" for r in rows)
     assert reports["image"]["n_queries"] == round(0.2 * len(rows))  # a fifth of the readable photos
     assert reports["patient"]["micro"]["mHR"] == pytest.approx(load_checkpoint(best).state["test"]["micro"]["mHR"])
+
+
+def perturbed_copy(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint with noise added to its convolution weights: a second, different member."""
+    state = load_checkpoint(checkpoint).state
+    g = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 0.1 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 4 else v
+                      for k, v in state["model"].items()}  # fmt: skip
+    save_checkpoint(out, state)
+    return out
+
+
+def test_an_ensembles_weights_are_swept_on_validation_with_its_members_alone_at_the_ends(whole_run, tiny_data, tmp_path):
+    _, best = whole_run
+    other = perturbed_copy(best, tmp_path / "other.pt")
+    cfg = TrainConfig(data=str(tiny_data))
+    pair = embed_members(cfg, [str(best), str(other)])
+    assert not np.allclose(pair.vectors[0], pair.vectors[1], atol=1e-3)
+    sweep = dict(sweep_weights(pair))
+    assert len(sweep) == 11
+    recorded = load_checkpoint(best).state["validation"]  # what training measured at the chosen epoch
+    assert sweep[(1.0, 0.0)]["micro"]["mHR"] == pytest.approx(recorded["micro"]["mHR"])
+    assert sweep[(1.0, 0.0)]["macro"]["mHR"] == pytest.approx(recorded["macro"]["mHR"])
+    alone = evaluate(embed_members(cfg, [str(other)]))["patient"]
+    assert evaluate(pair, [0.0, 1.0])["patient"]["micro"] == pytest.approx(alone["micro"])
+    twice = evaluate(embed_members(cfg, [str(other), str(other)]), [0.3, 0.7])["patient"]  # the same cosines
+    assert twice["micro"] == pytest.approx(alone["micro"]) and twice["macro"] == pytest.approx(alone["macro"])
+
+
+def test_evaluate_ensembles_from_the_command_line_and_refuses_members_that_do_not_fit(whole_run, tiny_run, tiny_data, tmp_path, capsys):
+    from training.__main__ import main
+
+    _, best = whole_run
+    other = perturbed_copy(best, tmp_path / "other.pt")
+    data = ["--data", str(tiny_data)]
+    assert main(["evaluate", *data, "--checkpoint", str(best), str(other), "--sweep"]) == Exit.OK
+    out = capsys.readouterr().out
+    assert "validation" in out and "0.6 : 0.4" in out and "highest micro + macro: --weights" in out
+    assert "patient split" not in out  # the sweep leaves the test split unread
+    assert main(["evaluate", *data, "--checkpoint", str(best), str(other), "--weights", "0.6", "0.4"]) == Exit.OK
+    assert "patient split" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        main(["evaluate", *data, "--checkpoint", str(best), str(other), "--weights", "1"])
+    assert usage.value.code == Exit.USAGE and "2 checkpoints" in capsys.readouterr().err
+    _, other_size = tiny_run  # 128 px against 96
+    assert main(["evaluate", *data, "--checkpoint", str(best), str(other_size)]) == Exit.FATAL
+    err = capsys.readouterr().err
+    assert str(other_size) in err and "preprocessing differs" in err
 
 
 def test_ordinal_loss_costs_more_the_further_the_mass_from_the_grade():
@@ -408,3 +456,14 @@ def test_a_named_scale_declared_with_the_run_reaches_the_model_the_index_and_eva
     report = json.loads(result.output)
     assert set(report["grades"]) <= {0, 1, 2} and report["n_queries"] == 8
     assert 0 <= report["micro"]["NDCG"] <= 1  # gains over the span of 2, not ICDR's 4
+
+
+def test_every_kept_checkpoint_loads_builds_its_network_and_is_listed():
+    folder = Path(__file__).parents[1] / "checkpoints"
+    listed = (folder / "README.md").read_text()
+    for path in sorted(folder.glob("*.pt")):
+        ckpt = load_checkpoint(path)
+        assert f"`{path.name}`" in listed, f"{path.name} is not described in checkpoints/README.md"
+        assert "optimizer" not in ckpt.state, f"{path.name}: keep weights only"
+        net = ckpt.network()
+        assert sum(p.numel() for p in net.parameters()) > 0 and ckpt.state["validation"]["micro"]["mHR"] > 0

@@ -121,12 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         **defaults,
-        help="retrieval of a checkpoint, by patient split and by the paper's image-level split",
+        help="retrieval of a checkpoint (or an ensemble), by patient split and by the paper's image-level split",
         description="Evaluate (see training/evaluate.py). Example: python -m training evaluate "
-        "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt",
+        "--data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt. Several checkpoints are "
+        "evaluated as one ensemble (python -m export.ensemble): choose its weights with --sweep on "
+        "the validation split, then read the test split once with --weights.",
     )
     add_data_and_model(e)
-    e.add_argument("--checkpoint", required=True, help="a training checkpoint (its model and preprocessing are used)")
+    e.add_argument("--checkpoint", required=True, nargs="+",
+                   help="training checkpoints (their models and preprocessing are used); several: an ensemble")  # fmt: skip
+    e.add_argument("--weights", type=float, nargs="+", help="the ensemble's weight of each checkpoint (default: equal)")
+    e.add_argument("--sweep", action="store_true",
+                   help="two checkpoints: validation figures for the first one's weight 0-1 in steps of 0.1 (no test split)")  # fmt: skip
     parser.commands = {"train": t, "ablate": a, "probe": r, "evaluate": e}  # for --config
     return parser
 
@@ -183,6 +189,28 @@ def record_options(args: argparse.Namespace) -> None:
     (out / "run.toml").write_text("# python -m training train --config run.toml\n" + "\n".join(lines) + "\n")
 
 
+def evaluate_command(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """`evaluate`: both protocols' reports, or with --sweep a validation table of weights."""
+    from fundus_sdk.metrics import format_report
+    from fundus_sdk.tables import format_table
+
+    from .evaluate import best_weights, embed_members, evaluate, sweep_weights
+
+    embedded = embed_members(cfg, args.checkpoint)
+    if args.sweep:
+        sweep = sweep_weights(embedded)
+        grades = list(sweep[0][1]["per_grade"]["mHR"])
+        rows = [[f"{a:.1f} : {b:.1f}", f"{r['micro']['mHR']:.3f}", f"{r['macro']['mHR']:.3f}",
+                 *(f"{r['per_grade']['mHR'][g]:.2f}" for g in grades)] for (a, b), r in sweep]  # fmt: skip
+        print(f"validation (k = {embedded.k}; mHR@k), weights {args.checkpoint[0]} : {args.checkpoint[1]}")
+        print(format_table(["weights", "micro", "macro", *(f"grade {g}" for g in grades)], rows))
+        a, b = best_weights(sweep)
+        print(f"highest micro + macro: --weights {a} {b}")
+        return
+    for protocol, report in evaluate(embedded, args.weights).items():
+        print(f"{protocol} split (gallery = the rest, k = {cfg.k}):\n{format_report(report)}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -191,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, model_cfg = configs(args)
     except ValueError as exc:  # a value the configurations refuse, e.g. --dim 999
         parser.error(str(exc))
+    if args.command == "evaluate" and args.weights and len(args.weights) != len(args.checkpoint):
+        parser.error(f"--weights: {len(args.weights)} given for {len(args.checkpoint)} checkpoints")
+    if args.command == "evaluate" and args.sweep and (len(args.checkpoint) != 2 or args.weights):
+        parser.error("--sweep takes two checkpoints and no --weights")
     try:
         if args.command == "ablate":
             from .ablate import run
@@ -198,12 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg, model_cfg, Path(args.out), args.variants, args.seeds)
             print((Path(args.out) / "ABLATIONS.md").read_text())
         elif args.command == "evaluate":
-            from fundus_sdk.metrics import format_report
-
-            from .evaluate import evaluate_checkpoint
-
-            for protocol, report in evaluate_checkpoint(cfg, args.checkpoint).items():
-                print(f"{protocol} split (gallery = the rest, k = {cfg.k}):\n{format_report(report)}\n")
+            evaluate_command(cfg, args)
         elif args.command == "probe":
             from .probe import format_probe, probe
 

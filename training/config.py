@@ -15,7 +15,7 @@ from .data import Record, read_source, split_by_patient, train_test
 from .losses import LOSSES
 from .model import ModelConfig
 
-VAL_GALLERY = 2000  # validation ranks against about this many training photos (a fixed slice)
+VAL_GALLERY = 2000  # validation ranks against about this many training photos (validation_gallery)
 
 
 @dataclass
@@ -74,6 +74,11 @@ def split_records(cfg: TrainConfig) -> tuple[list[Record], list[Record], list[Re
         train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
     fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
     return fit_recs, val_recs, test_recs
+
+
+def validation_gallery(fit_idx: np.ndarray) -> np.ndarray:
+    """The fixed slice of the fit photos (about VAL_GALLERY) that validation queries rank against."""
+    return fit_idx[:: max(1, len(fit_idx) // VAL_GALLERY)]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Retrieval of a trained checkpoint under two protocols, from one embedding of every photo.
+"""Retrieval of trained checkpoints under two protocols, from one embedding of every photo.
 
 - "patient" (the headline): gallery = the data's train split, queries = its test split, which
   keeps each patient's photos on one side;
@@ -6,49 +6,124 @@
   have the same patient's other eye in the gallery. Reported only to compare with published
   figures, which used it; it flatters every model.
 
+Several checkpoints are evaluated as one ensemble, the way `python -m export.ensemble` combines
+their exported files (`ensemble_vectors`). Choose its weights on the validation split first
+(`sweep_weights`, `--sweep`), then read the test split once for the weights chosen:
+
     python -m training evaluate --data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt
+    python -m training evaluate --data ../shared/data/eyepacs256 --checkpoint a/best.pt b/best.pt --sweep
+    python -m training evaluate --data ../shared/data/eyepacs256 --checkpoint a/best.pt b/best.pt --weights 0.6 0.4
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from fundus_sdk import metrics
 
-from .checkpoint import load_checkpoint
-from .config import TrainConfig, split_records
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import TrainConfig, split_records, validation_gallery
 from .device import resolve_device
 from .photos import InMemoryPhotos
+from .train import selection_score
 
 PROTOCOLS = ("patient", "image")
+SWEEP = tuple(round(0.1 * i, 1) for i in range(1, 10))  # the first member's weights tried by sweep_weights
 
 
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, image_split_seed: int = 0) -> dict[str, dict]:
-    """{"patient": report, "image": report} (fundus_sdk.metrics reports) at k = cfg.k."""
+def ensemble_vectors(members: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Several models' unit descriptors of the same photos as one: each scaled by the square root of
+    its (normalised) weight and concatenated, so the cosine is the weighted mean of the members'."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(members) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"need one non-negative weight per member ({len(members)}), not {list(weights)}")
+    out = np.concatenate([np.sqrt(wi / w.sum()) * v for wi, v in zip(w, members)], axis=1)
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@dataclass
+class Embedded:
+    """Every readable photo of the data, embedded by each member: what both protocols rank."""
+
+    vectors: list[np.ndarray]  # one (n, dim_i) array per member
+    grades: np.ndarray
+    split: np.ndarray  # 0 fit, 1 validation, 2 test
+    k: int
+    span: int
+
+
+def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
+    """Embed the data with each checkpoint; CheckpointError unless they share the split and preprocessing."""
     torch.set_num_threads(cfg.threads)
-    ckpt = load_checkpoint(checkpoint)
-    net = ckpt.network()
-    run = ckpt.train_config
-    cfg = replace(cfg, preprocess=ckpt.preprocess, data_seed=run.get("data_seed", cfg.data_seed), labels=ckpt.scale.spec)
+    ckpts = [load_checkpoint(c) for c in checkpoints]
+    first = ckpts[0]
+    for path, ckpt in zip(checkpoints[1:], ckpts[1:]):
+        for what, a, b in (
+            ("preprocessing", ckpt.preprocess, first.preprocess),
+            ("data split (data_seed, val_fraction)", _split_of(ckpt), _split_of(first)),
+            ("grading scale", ckpt.scale.spec, first.scale.spec),
+        ):
+            if a != b:
+                raise CheckpointError(f"{path}: its {what} differs from {checkpoints[0]}'s ({a} against {b}): "
+                                      "the members of an ensemble share one input and one split")  # fmt: skip
+    data_seed, val_fraction = _split_of(first)
+    cfg = replace(cfg, preprocess=first.preprocess, data_seed=data_seed, val_fraction=val_fraction, labels=first.scale.spec)
     fit, val, test = split_records(cfg)
     everyone = fit + val + test
     device = resolve_device(cfg.device)
-    photos = InMemoryPhotos(net, cfg, everyone, np.arange(0), print)
-    ok = np.flatnonzero(photos.ok)
-    vectors = photos.embed(net.to(device), ok, device)
-    grades = np.array([everyone[i].grade for i in ok])
-    is_test = ok >= len(fit) + len(val)
-    held_out = np.random.default_rng(image_split_seed).permutation(len(ok))[: round(0.2 * len(ok))]
-    is_query = np.zeros(len(ok), dtype=bool)
+    vectors, ok = [], None
+    for ckpt in ckpts:
+        net = ckpt.network()
+        photos = InMemoryPhotos(net, cfg, everyone, np.arange(0), print)
+        ok = np.flatnonzero(photos.ok)  # the same for every member: they share the preprocessing
+        vectors.append(photos.embed(net.to(device), ok, device))
+    split = np.repeat([0, 1, 2], [len(fit), len(val), len(test)])[ok]
+    return Embedded(vectors, np.array([everyone[i].grade for i in ok]), split, cfg.k, cfg.scale.span)
+
+
+def _split_of(ckpt) -> tuple[int, float]:
+    run = ckpt.train_config
+    return run.get("data_seed", TrainConfig.data_seed), run.get("val_fraction", TrainConfig.val_fraction)
+
+
+def evaluate(embedded: Embedded, weights: Sequence[float] | None = None, image_split_seed: int = 0) -> dict[str, dict]:
+    """{"patient": report, "image": report} (fundus_sdk.metrics reports) of the members as one model."""
+    e = embedded
+    vectors = ensemble_vectors(e.vectors, weights or [1.0] * len(e.vectors))
+    is_test = e.split == 2
+    held_out = np.random.default_rng(image_split_seed).permutation(len(vectors))[: round(0.2 * len(vectors))]
+    is_query = np.zeros(len(vectors), dtype=bool)
     is_query[held_out] = True
     return {
-        "patient": metrics.retrieval_report(
-            vectors[is_test], vectors[~is_test], grades[is_test], grades[~is_test], cfg.k, cfg.scale.span
-        ),
-        "image": metrics.retrieval_report(
-            vectors[is_query], vectors[~is_query], grades[is_query], grades[~is_query], cfg.k, cfg.scale.span
-        ),
+        name: metrics.retrieval_report(vectors[q], vectors[~q], e.grades[q], e.grades[~q], e.k, e.span)
+        for name, q in (("patient", is_test), ("image", is_query))
     }
+
+
+def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> list[tuple[tuple[float, float], dict]]:
+    """Validation reports of a two-member ensemble for each weight of the first member, as training
+    validates an epoch (validation queries against the fixed gallery slice): the test split is not read."""
+    e = embedded
+    if len(e.vectors) != 2:
+        raise ValueError(f"a weight sweep takes two checkpoints, not {len(e.vectors)}")
+    val, gallery = np.flatnonzero(e.split == 1), validation_gallery(np.flatnonzero(e.split == 0))
+    out = []
+    for a in [0.0, *first, 1.0]:
+        v = ensemble_vectors(e.vectors, [a, 1 - a])
+        report = metrics.retrieval_report(v[val], v[gallery], e.grades[val], e.grades[gallery], e.k, e.span)
+        out.append(((a, round(1 - a, 6)), report))
+    return out
+
+
+def best_weights(sweep: list[tuple[tuple[float, float], dict]]) -> tuple[float, float]:
+    """The swept weights with the highest selection score (micro + macro), the members alone included."""
+    return max(sweep, key=lambda row: selection_score(row[1]))[0]
+
+
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, image_split_seed: int = 0) -> dict[str, dict]:
+    """{"patient": report, "image": report} of one checkpoint at k = cfg.k."""
+    return evaluate(embed_members(cfg, [checkpoint]), image_split_seed=image_split_seed)

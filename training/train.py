@@ -29,7 +29,7 @@ from fundus_sdk.labels import Scale
 
 from .cache import CachedTrunk
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import VAL_GALLERY, TrainConfig, seed_everything, split_records
+from .config import TrainConfig, seed_everything, split_records, validation_gallery
 from .data import BalancedBatches, Record
 from .device import autocast, resolve_device
 from .losses import metric_loss, ordinal_loss
@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
             log(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  ({time.time() - started:.0f}s)")
             report, score = {}, (float(epoch) if not cfg.validate else -1.0)
         else:
-            gallery = fit_idx[:: max(1, len(fit_idx) // VAL_GALLERY)]  # a fixed slice: choosing epochs only
+            gallery = validation_gallery(fit_idx)  # a fixed slice: choosing epochs only
             report = metrics.retrieval_report(
                 source.embed(net, val_idx, device), source.embed(net, gallery, device), val_grades, grades[gallery], cfg.k,
                 span,
