@@ -65,7 +65,7 @@ def test_wheel_contents(wheel: Path) -> None:
     bundled = (REPO / "fundus_sdk" / "models" / "default.onnx").read_bytes()
     assert hashlib.sha256(model).digest() == hashlib.sha256(bundled).digest()
     top_level = {n.split("/", 1)[0] for n in names}
-    assert not top_level & {"training", "export", "tests", "benchmarks", "examples", "runs"}, sorted(top_level)
+    assert not top_level & {"training", "export", "tests", "benchmarks", "examples", "runs", "checkpoints"}, sorted(top_level)
     assert {n for n in top_level if not n.endswith(".dist-info")} == {"fundus_sdk"}
     assert "fundus_sdk/cli.py" in names and "fundus_sdk/__init__.py" in names
     assert "fundus-sdk = fundus_sdk.cli:main" in entry_points
