@@ -25,7 +25,7 @@ import torch
 
 from fundus_sdk import metrics
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import TrainConfig, split_records, validation_gallery
 from .device import resolve_device
 from .photos import InMemoryPhotos
@@ -85,7 +85,8 @@ def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
     return Embedded(vectors, np.array([everyone[i].grade for i in ok]), split, cfg.k, cfg.scale.span)
 
 
-def _split_of(ckpt) -> tuple[int, float]:
+def _split_of(ckpt: Checkpoint) -> tuple[int, float]:
+    """(data_seed, val_fraction) the checkpoint's run split its data with."""
     run = ckpt.train_config
     return run.get("data_seed", TrainConfig.data_seed), run.get("val_fraction", TrainConfig.val_fraction)
 
@@ -122,8 +123,3 @@ def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> list[tu
 def best_weights(sweep: list[tuple[tuple[float, float], dict]]) -> tuple[float, float]:
     """The swept weights with the highest selection score (micro + macro), the members alone included."""
     return max(sweep, key=lambda row: selection_score(row[1]))[0]
-
-
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str, image_split_seed: int = 0) -> dict[str, dict]:
-    """{"patient": report, "image": report} of one checkpoint at k = cfg.k."""
-    return evaluate(embed_members(cfg, [checkpoint]), image_split_seed=image_split_seed)
