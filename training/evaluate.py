@@ -32,7 +32,7 @@ from .photos import InMemoryPhotos
 from .train import selection_score
 
 PROTOCOLS = ("patient", "image")
-SWEEP = tuple(round(0.1 * i, 1) for i in range(1, 10))  # the first member's weights tried by sweep_weights
+SWEEP = tuple(round(0.1 * i, 1) for i in range(11))  # the first member's weights tried by sweep_weights
 
 
 def ensemble_vectors(members: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -75,12 +75,10 @@ def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
     fit, val, test = split_records(cfg)
     everyone = fit + val + test
     device = resolve_device(cfg.device)
-    vectors, ok = [], None
-    for ckpt in ckpts:
-        net = ckpt.network()
-        photos = InMemoryPhotos(net, cfg, everyone, np.arange(0), print)
-        ok = np.flatnonzero(photos.ok)  # the same for every member: they share the preprocessing
-        vectors.append(photos.embed(net.to(device), ok, device))
+    nets = [c.network() for c in ckpts]
+    photos = InMemoryPhotos(nets[0], cfg, everyone, np.arange(0), print)  # decoded once: the members share it
+    ok = np.flatnonzero(photos.ok)
+    vectors = [photos.embed(net.to(device), ok, device) for net in nets]
     split = np.repeat([0, 1, 2], [len(fit), len(val), len(test)])[ok]
     return Embedded(vectors, np.array([everyone[i].grade for i in ok]), split, cfg.k, cfg.scale.span)
 
@@ -113,7 +111,7 @@ def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> list[tu
         raise ValueError(f"a weight sweep takes two checkpoints, not {len(e.vectors)}")
     val, gallery = np.flatnonzero(e.split == 1), validation_gallery(np.flatnonzero(e.split == 0))
     out = []
-    for a in [0.0, *first, 1.0]:
+    for a in first:
         v = ensemble_vectors(e.vectors, [a, 1 - a])
         report = metrics.retrieval_report(v[val], v[gallery], e.grades[val], e.grades[gallery], e.k, e.span)
         out.append(((a, round(1 - a, 6)), report))

@@ -116,19 +116,20 @@ class InMemoryPhotos:
         self.bank = PhotoBank(everyone, cfg.preprocess_for(net.config), workers=cfg.threads, log=log)
         self.ok, self.root = self.bank.ok, "in memory"
 
-    def _input(self, u8: torch.Tensor, device) -> torch.Tensor:
-        return self.net.normalise(u8.to(device)).contiguous(memory_format=torch.channels_last)
+    @staticmethod
+    def _input(net: FundusNet, u8: torch.Tensor, device) -> torch.Tensor:
+        return net.normalise(u8.to(device)).contiguous(memory_format=torch.channels_last)
 
     def batches(self, fit_idx: np.ndarray, grades: np.ndarray, sampler, seed: int, device):
         for u8, y in augmented_batches(self.bank, fit_idx, grades, list(sampler), seed):
-            yield self._input(u8, device), y.to(device)
+            yield self._input(self.net, u8, device), y.to(device)
 
     @torch.inference_mode()
     def embed(self, net: FundusNet, idx: np.ndarray, device, batch: int = 64) -> np.ndarray:
         net.eval()
         out = []
         for i in range(0, len(idx), batch):
-            x = self._input(torch.from_numpy(self.bank.clean[idx[i : i + batch]]), device)
+            x = self._input(net, torch.from_numpy(self.bank.clean[idx[i : i + batch]]), device)  # its own normalisation
             with autocast(device):
                 out.append(net(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, net.config.dim), np.float32)
