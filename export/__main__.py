@@ -1,4 +1,4 @@
-"""`python -m export CHECKPOINT -o model.onnx [--fp16 | --int8 --calib DIR]`: see --help."""
+"""`python -m export CHECKPOINT -o model.onnx [--fp16-weights | --fp16 | --int8 --calib DIR]`: see --help."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint written by training (e.g. runs/NAME/best.pt)")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--fp16-weights", dest="precision", action="store_const", const="fp16-weights",
+        help="weights stored in float16, computed in float32: half the file, fp32's speed",
+    )  # fmt: skip
     precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="float16 variant")
     precision.add_argument(
         "--int8", dest="precision", action="store_const", const="int8", help="static int8 variant (needs --calib)"

@@ -19,7 +19,7 @@ from .attention import add_attention_output
 from .errors import ExportError
 from .graph import attention_shape_ops, copy_model, node_counts, optimise, save_model, strip_debug_info, torch_to_onnx
 from .metadata import build_metadata, fingerprint, write_metadata
-from .variants import PRECISIONS, to_fp16, to_int8
+from .variants import PRECISIONS, to_fp16, to_fp16_weights, to_int8
 from .verify import MIN_COSINE, VERIFY_BATCH, load_images, sample_files, torch_attention, torch_embed, verify
 
 ImageSource = str | Path | Sequence[str | Path]
@@ -71,7 +71,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export a training checkpoint to `output` at `precision` and verify it against torch.
 
-    precision: "fp32", "fp16" or "int8" (int8 needs `calib`, see export_variants).
+    precision: one of export.variants.PRECISIONS (int8 needs `calib`, see export_variants).
     """
     return export_variants(
         checkpoint,
@@ -147,6 +147,8 @@ def export_variants(
     for precision, output in outputs.items():
         if precision == "fp16":
             model = to_fp16(fp32)
+        elif precision == "fp16-weights":
+            model = to_fp16_weights(fp32)
         elif precision == "int8":
             model = to_int8(fp32, load_images(sample_files(calib, calib_limit), preprocess))
         else:

@@ -1,5 +1,10 @@
 """Reduced-precision variants of the optimised fp32 graph; input stays uint8, output float32.
 
+fp16-weights: the weights stored in float16, each followed by a Cast to float32 that ONNX Runtime
+folds away when it loads the file: half the file's size, fp32's compute and speed (fp16 compute
+ran at 0.59-0.68x fp32's speed on a CPU without float16 units). Rounding the weights moves a
+descriptor by a cosine of about 1e-5.
+
 fp16: backbone, mirror attention and projection (weights and compute) in float16; the input
 scaling, GeM pooling and L2 normalisation stay float32, with a Cast at each boundary. GeM raises
 activations to the power p (~3), which overflows float16's 65504 for activations above ~40, and
@@ -29,7 +34,8 @@ from fundus_sdk.contract import INPUT_NAME
 
 from .graph import copy_model
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16-weights", "fp16", "int8")
+MIN_STORED = 64  # elements: smaller float tensors (scalars, shapes) stay float32
 FP16_SCOPES = ("net.backbone", "net.attention", "net.proj")  # module paths inside ExportModule
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata written by the torch exporter
 
@@ -86,6 +92,28 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]  # types inside the region changed; ORT re-infers them
+    return model
+
+
+def to_fp16_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every float32 weight of at least MIN_STORED elements stored as float16 and cast back on load."""
+    model = copy_model(model)
+    graph = model.graph
+    kept, casts = [], []
+    for t in graph.initializer:
+        if t.data_type != TensorProto.FLOAT or np.prod(t.dims) < MIN_STORED:
+            kept.append(t)
+            continue
+        half = numpy_helper.to_array(t).astype(np.float16)
+        if not np.isfinite(half).all():
+            raise ValueError(f"weight {t.name} exceeds float16's range")
+        kept.append(numpy_helper.from_array(half, f"{t.name}/fp16"))
+        casts.append(helper.make_node("Cast", [f"{t.name}/fp16"], [t.name], to=TensorProto.FLOAT, name=f"cast:{t.name}"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = [*casts, *graph.node]  # the casts first: every node reading a weight comes after its cast
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model
 
 

@@ -254,6 +254,27 @@ def test_cli_exports_fp16_with_float32_io(tiny, tmp_path, photos, capsys):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # float32 normalisation
 
 
+def test_fp16_weights_halve_the_file_and_load_as_fp32(tiny, tmp_path, photos):
+    ckpt, fp32 = tiny
+    out = tmp_path / "tiny16w.onnx"
+    report = export_checkpoint(ckpt, out, precision="fp16-weights", verify_images=photos, version="1.0.0")
+    assert report.metadata[contract.PRECISION] == "fp16-weights" and report.cosines.min() >= 0.9999
+    assert out.stat().st_size < 0.6 * fp32.path.stat().st_size
+    stored = onnx.load(out).graph.initializer
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in stored)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 64 for t in stored)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "as-loaded.onnx")
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    loaded = onnx.load(options.optimized_model_filepath).graph
+    assert not [n for n in loaded.node if n.op_type == "Cast" and n.name.startswith("cast:")]  # folded at load
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in loaded.initializer)  # computed in float32
+    x = np.stack([Preprocess.from_metadata(report.metadata)(f) for f in photos])
+    got = session.run(None, {"image": x})[0]
+    full = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert cosine(got, full).min() >= 0.9999
+
+
 def test_int8_agrees_with_fp32_on_shared_subset(lite0, eyepacs_dir):
     _, fp32, int8 = lite0
     ref, q = compare_variants([fp32.path, int8.path], split_files(eyepacs_dir, "test", 24))
