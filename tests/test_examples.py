@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -195,3 +196,44 @@ def test_retrain_and_export_smallest_budget(tmp_path: Path) -> None:
     assert rows[0][1] > 0.99  # the query is in the gallery and finds itself
     with fundus_sdk.Index.open(out / "cases", read_only=True) as ix:
         assert ix.model_fingerprint == model.fingerprint
+
+
+# -- train_default_model.sh ---------------------------------------------------------------------
+
+
+def test_train_default_model_help(tmp_path: Path) -> None:
+    proc = run(["bash", EXAMPLES / "train_default_model.sh", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and "Usage" in proc.stdout and "0.3.0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_default_model_smallest_budget(tmp_path: Path) -> None:
+    """The default model's whole recipe on 64 photos, one epoch a run at 128 px: three runs, two
+    exports, the ensemble, its measurement through the runtime and its gate (a few minutes)."""
+    require("torch")
+    require_eyepacs()
+    rows = [r for split in ("train", "test") for r in eyepacs_rows(split)[: 48 if split == "train" else 16]]
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copyfile(EYEPACS / "images" / r["image"], data / "images" / r["image"])
+    with (data / "labels.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "default"
+    proc = run(
+        ["bash", EXAMPLES / "train_default_model.sh", data, out],
+        cwd=tmp_path, timeout=1200, PYTHON=sys.executable, TRAIN_ARGS="--epochs 1 --input-size 128 --threads 2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = fundus_sdk.load_model(out / "default.onnx")
+    meta = model.metadata
+    assert model.dim == 512 and meta["model.version"] == "0.3.0" and meta["model.precision"] == "fp16-weights"
+    assert meta["model.backbone"] == "tf_efficientnet_lite0+tf_efficientnet_lite1"
+    assert [m["weight"] for m in json.loads(meta["model.members"])] == pytest.approx([0.6, 0.4])
+    assert model.gate is not None
+    assert model.metrics() == json.loads((out / "metrics.json").read_text())
+    assert model.metrics()["n_queries"] == 16  # the test split's photos, against the training split's
+    with fundus_sdk.Index.open(out / "cases", read_only=True) as ix:
+        assert len(ix) == 48 and ix.model_fingerprint == model.fingerprint  # recording the metrics kept it
