@@ -4,7 +4,7 @@
 # EfficientNet-Lite1: run F), each exported with float16 weights, combined 0.6 : 0.4, measured
 # through the runtime (gallery = training split, queries = test split, k = 10), the measurement
 # recorded in the file, then its input gate calibrated. docs/ABLATIONS.md gives each run's figures.
-# About 4 h 20 min on a 2-core CPU (B 79 min, C 64 min, F 2 h); minutes on a GPU (TRAIN_ARGS="--device cuda").
+# About 3 h 45 min on a 2-core CPU (B 61 min, C 40 min, F 2 h); minutes on a GPU (TRAIN_ARGS="--device cuda").
 #
 # Usage: examples/train_default_model.sh [-h] [DATA] [OUT_DIR]
 #
