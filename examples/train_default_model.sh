@@ -18,7 +18,7 @@
 # TRAIN_ARGS: flags added to every training run (e.g. "--device cuda").
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ $# -ge 1 && ($1 == -h || $1 == --help) ]]; then
     usage
     exit 0

@@ -28,6 +28,7 @@ import torch
 from export import ExportError, compare_variants, export_checkpoint, export_variants, fingerprint, read_metadata
 from export.__main__ import main as cli_main
 from export.graph import attention_shape_ops, node_counts
+from export.variants import MIN_STORED
 from export.verify import cosine, verify
 from fundus_sdk import contract, metrics
 from fundus_sdk.errors import Exit
@@ -262,7 +263,7 @@ def test_fp16_weights_halve_the_file_and_load_as_fp32(tiny, tmp_path, photos):
     assert out.stat().st_size < 0.6 * fp32.path.stat().st_size
     stored = onnx.load(out).graph.initializer
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in stored)
-    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 64 for t in stored)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= MIN_STORED for t in stored)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "as-loaded.onnx")
     session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
