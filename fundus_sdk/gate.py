@@ -15,19 +15,24 @@ each input from signals the embedding computes anyway, for well under 5% of its 
   ~128 px) over its detail at pixel scale. A photograph of anatomy has far more of the former
   (the 6,720 EyePACS photos: 0.1% quantile 0.41, median 0.87); noise has little (0.10), and a
   tinted noise disc on black can otherwise sit among the photos' descriptors;
+- sharpness ceiling: the mean absolute Laplacian over the grey levels' spread (the focus signal)
+  above any fundus photograph's, as in noise, print or a star field: a photograph of the retina
+  through the eye's optics has no such pixel-scale detail;
 - gradability: the field of view is large enough (at least half the model's input size), has
   grey levels to work with (not underexposed), is not washed out (clipped), and is in focus.
 
-Every limit is a quantile of the calibration photos' own values (export/gate.py computes them
-from the training split and stores them in the model file as `gate.calibration`), not a number
-tuned on a picture. A model without a calibration gets a verdict of None.
+Every limit is a quantile of calibration photos' own values, not a number tuned on a picture:
+export/gate.py fits the descriptor distribution on training photos and sets the limits on photos
+the model never learnt from (the validation split, as published and as raw-camera copies), and
+stores the result in the model file as `gate.calibration`. A model without a calibration gets a
+verdict of None.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -179,7 +184,7 @@ class Gate:
     basis: np.ndarray  # (k, dim) principal directions of the calibration descriptors
     variances: np.ndarray  # (k,) their variances (shrunk)
     residual: float  # variance per dimension of everything outside the basis
-    limits: dict[str, float]  # distance, colour, surround, range, clipped, focus, structure
+    limits: dict[str, float]  # distance, colour, surround, range, clipped, focus, focus_high, structure
     typical: dict[str, float]  # the calibration photos' medians of the same
     photos: int  # how many photos the calibration saw
 
@@ -207,6 +212,10 @@ class Gate:
             tests.append((typ["structure"] - signals.structure, typ["structure"] - lim["structure"],
                           f"no vessel-scale structure, as in noise (structure {signals.structure:.2f}; fundus "
                           f"photographs >= {lim['structure']:.2f})"))  # fmt: skip
+        if "focus_high" in lim:  # nor this ceiling
+            tests.append((signals.focus - typ["focus"], lim["focus_high"] - typ["focus"],
+                          f"pixel-scale detail beyond a fundus photograph's, as in noise, print or a star field "
+                          f"(sharpness {signals.focus:.2f}; fundus photographs <= {lim['focus_high']:.2f})"))  # fmt: skip
         reasons = [reason for excess, span, reason in tests if excess > span]
         fundus = not reasons
         fundus_score = min(_score(excess, span) for excess, span, _ in tests)
@@ -244,33 +253,54 @@ class Gate:
         )  # fmt: skip
 
 
-def calibrate(vectors: np.ndarray, signals: list[Signals], *, k: int = 64, shrink: float = 0.1, q: float = 0.001) -> Gate:
-    """A gate fitted to fundus photographs' descriptors and signals (every other row held out).
+def calibrate(
+    fit: np.ndarray,
+    held: np.ndarray,
+    signals: list[Signals],
+    kinds: np.ndarray | None = None,
+    *,
+    k: int = 64,
+    shrink: float = 0.1,
+    q: float = 0.001,
+) -> Gate:
+    """A gate whose descriptor distribution is fitted on `fit` and whose limits are set on `held`.
 
-    The distribution is fitted on even rows, and each limit is the `q` (or 1 - q) quantile of
-    the odd rows' values, widened by a margin for the bands, so a photo like the calibration
-    photos is refused about `q` of the time per signal.
+    `held` (descriptors, with their `signals`) should be photos the model never learnt from: a
+    network recognises its own training photos, which sit closer to the distribution than any new
+    photo, so limits set on them refuse new fundus photographs. Each limit is the `q` (or 1 - q)
+    quantile of the held photos' values, widened by a margin for the bands, so a photo like them is
+    refused about `q` of the time per signal. `kinds` labels each held row's kind of photo (e.g. 0
+    as published, 1 a raw-camera copy): a limit is then the most lenient of the kinds' own
+    quantiles, so that every kind, not just the most numerous, is refused about `q` of the time.
     """
-    vectors = np.asarray(vectors, dtype=np.float64)
-    fit, held = vectors[0::2], vectors[1::2]
+    fit, held = np.asarray(fit, dtype=np.float64), np.asarray(held, dtype=np.float64)
+    kinds = np.zeros(len(held), dtype=int) if kinds is None else np.asarray(kinds)
     mean = fit.mean(axis=0)
     cov = np.cov((fit - mean).T)
     cov = (1 - shrink) * cov + shrink * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
     values, vecs = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
+    k = min(k, len(values) - 1)  # at least one direction left for the residual
     residual = float(values[order[k:]].mean())
-    gate = Gate(mean, vecs[:, order[:k]].T, values[order[:k]], residual, {}, {}, len(vectors))
-    d_held = gate.distance(held)
+    gate = Gate(mean, vecs[:, order[:k]].T, values[order[:k]], residual, {}, {}, len(fit) + len(held))
+
+    def low(v: np.ndarray) -> float:  # the lowest of the kinds' q quantiles
+        return float(min(np.quantile(v[kinds == kind], q) for kind in np.unique(kinds)))
+
+    def high(v: np.ndarray) -> float:  # the highest of the kinds' 1 - q quantiles
+        return float(max(np.quantile(v[kinds == kind], 1 - q) for kind in np.unique(kinds)))
+
     names = ("colour", "surround", "range", "clipped", "focus", "structure")
-    sig = {name: np.array([getattr(s, name) for s in signals]) for name in names}
+    sig = {"distance": gate.distance(held), **{name: np.array([getattr(s, name) for s in signals]) for name in names}}
     limits = {
-        "distance": float(np.quantile(d_held, 1 - q)),
-        "colour": float(0.6 * np.quantile(sig["colour"], q)),
-        "surround": float(np.quantile(sig["surround"], 1 - q)),
-        "range": float(0.6 * np.quantile(sig["range"], q)),
-        "clipped": float(min(1.0, 2 * np.quantile(sig["clipped"], 1 - q) + 0.02)),
-        "focus": float(0.6 * np.quantile(sig["focus"], q)),
-        "structure": float(0.6 * np.quantile(sig["structure"], q)),
+        "distance": high(sig["distance"]),
+        "colour": 0.6 * low(sig["colour"]),
+        "surround": high(sig["surround"]),
+        "range": 0.6 * low(sig["range"]),
+        "clipped": min(1.0, 2 * high(sig["clipped"]) + 0.02),
+        "focus": 0.6 * low(sig["focus"]),
+        "focus_high": high(sig["focus"]) / 0.6,
+        "structure": 0.6 * low(sig["structure"]),
     }
-    typical = {"distance": float(np.median(d_held)), **{n: float(np.median(v)) for n, v in sig.items()}}
-    return Gate(gate.mean, gate.basis, gate.variances, residual, limits, typical, len(vectors))
+    typical = {name: float(np.median(v)) for name, v in sig.items()}
+    return replace(gate, limits=limits, typical=typical)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image, ImageFilter
 import fundus_sdk
 from fundus_sdk.cli import main
 from fundus_sdk.errors import Exit
-from fundus_sdk.gate import Gate, NotFundusError, UngradableWarning
+from fundus_sdk.gate import Gate, NotFundusError, Signals, UngradableWarning, calibrate
 from tests.non_fundus import non_fundus_set
 from tests.shared import FIXTURES, RETINA, eyepacs_sample
 from training.camera import simulated_raw
@@ -166,3 +167,53 @@ def test_window_sums_match_the_sums_they_stand_for():
         k = 2 * radius + 1
         direct = np.array([[[padded[c, i : i + k, j : j + k].sum() for j in range(23)] for i in range(20)] for c in range(2)])
         assert np.allclose(sums, direct)
+
+
+def signals_like(rng: np.random.Generator, n: int, focus: float = 0.5) -> list[Signals]:
+    """Plausible fundus-photo signals with some spread."""
+    return [
+        Signals(colour=0.3 + 0.05 * rng.random(), surround=0.2 * rng.random(), focus=focus * (0.5 + rng.random()),
+                range=240.0, clipped=0.0, fov_side=256, structure=0.8 + 0.2 * rng.random())
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def test_limits_come_from_the_held_out_photos_and_hold_every_kind():
+    """Photos a network learnt from sit closer than new ones: the limits must come from the held-out
+    set, and a minority kind further out (raw-camera copies) sets the limit for its own rows."""
+    rng = np.random.default_rng(0)
+    dim, fit = 16, rng.normal(size=(2000, 16))
+    published, raw = rng.normal(size=(1000, dim)) * 1.3, rng.normal(size=(200, dim)) * 1.6  # both further than fit
+    held = np.concatenate([published, raw])
+    kinds = np.repeat([0, 1], [len(published), len(raw)])
+    gate = calibrate(fit, held, signals_like(rng, len(held)), kinds)
+    d = gate.distance(held)
+    assert np.quantile(gate.distance(fit), 0.999) < np.quantile(d[kinds == 0], 0.99)  # fit rows would refuse ~1%+
+    assert gate.limits["distance"] == pytest.approx(np.quantile(d[kinds == 1], 0.999))
+    assert np.mean(d[kinds == 1] > gate.limits["distance"]) <= 0.005  # the raw kind is held to q, like the rest
+    pooled = calibrate(fit, held, signals_like(np.random.default_rng(0), len(held)))
+    assert pooled.limits["distance"] < gate.limits["distance"]  # pooled, the many published rows set it
+    assert gate.photos == len(fit) + len(held)
+
+
+def test_sharpness_beyond_any_photo_is_refused_and_older_calibrations_skip_it():
+    rng = np.random.default_rng(1)
+    fit = rng.normal(size=(500, 8))
+    gate = calibrate(fit, fit[:300], signals_like(rng, 300))
+    typical = Signals(colour=0.3, surround=0.1, focus=0.5, range=240, clipped=0, fov_side=256, structure=0.9)
+    v = gate.mean[None]
+    assert gate.judge(v, typical, 128).fundus
+    sharp = replace(typical, focus=gate.limits["focus_high"] * 1.2)
+    verdict = gate.judge(v, sharp, 128)
+    assert not verdict.fundus and verdict.reasons[0].startswith("pixel-scale detail beyond a fundus photograph's")
+    old = Gate.from_json(gate.to_json())
+    old.limits.pop("focus_high")
+    assert old.judge(v, sharp, 128).fundus
+
+
+def test_a_star_field_is_refused_for_its_pixel_scale_detail(model, eyepacs_dir):
+    assert "focus_high" in model.gate.limits, "recalibrate the bundled model (python -m export.gate)"
+    photos = [p for p, _ in eyepacs_sample(20)]
+    assert max(model.preprocess.load(p)[0].signals.focus for p in [*photos, RETINA]) < model.gate.limits["focus_high"]
+    verdict = model.check(non_fundus_set()["skimage hubble_deep_field"])[0]
+    assert not verdict.fundus and any(r.startswith("pixel-scale detail") for r in verdict.reasons), verdict
