@@ -40,9 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="test_efficientnet", input_size=128, dim=32, frozen_blocks=2)
 
 # int8 vs fp32 on 24 EyePACS test-split photos, calibrated on 32 training-split photos (fixtures
-# below). Measured: cosine mean 0.9957, min 0.9866, 10-NN agreement 0.908 (with 16 calibration
-# photos: 0.9877 / 0.9523 / 0.900). Bounds: the measured values less a small margin.
-INT8_COSINE_MEAN, INT8_COSINE_MIN, INT8_KNN_AGREEMENT = 0.994, 0.98, 0.85
+# below). int8 accuracy depends on the CPU: without VNNI (AVX2 only, session 13's machine) ONNX
+# Runtime's u8 x s8 products saturate, so weights are quantised to 7 bits (reduce_range). Measured
+# there: cosine mean 0.9879, min 0.9750, 10-NN agreement 0.867 (full-range weights on a VNNI CPU,
+# earlier: 0.9957 / 0.9866 / 0.908; on this one they failed the exporter's own check, 0.944 < 0.95).
+# Bounds: the lower measurement less a small margin.
+INT8_COSINE_MEAN, INT8_COSINE_MIN, INT8_KNN_AGREEMENT = 0.985, 0.97, 0.85
 
 
 def trained_like(config: ModelConfig, pretrained: bool) -> FundusNet:
