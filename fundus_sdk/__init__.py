@@ -22,7 +22,7 @@ from .model import Model, embed, load_model
 from .preprocess import Preprocess
 from .report import Report, report
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     # embedding and search
