@@ -95,6 +95,8 @@ def calibrate_model(
         config = TrainConfig(data=str(data), labels=model.scale.spec, data_seed=data_seed, val_fraction=val_fraction)
         fit, held, _ = split_records(config)
         recorded = json.loads(model.metadata.get(contract.TRAINING_DATA) or "{}").get("validation", {}).get("images")
+        if not held:
+            raise ExportError(f"{data}: no validation photos; the limits need photos the model did not learn from")
         if recorded is not None and recorded != len(held):
             raise ExportError(
                 f"{data}: the validation split has {len(held)} photos, the model's training recorded {recorded}: "
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", type=int, default=600, help="of them, how many also as a simulated raw-camera copy")
     p.add_argument("--copies", type=int, default=2, help="simulated raw-camera copies of each validation photo")
     p.add_argument("--data-seed", type=int, default=TrainConfig.data_seed, help="the validation split, as trained")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction, help="the validation split, as trained")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                   help="the validation split, as trained (its size is checked against the model's record)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         gate = calibrate_model(

@@ -25,8 +25,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import fundus_sdk
 from export import ExportError, compare_variants, export_checkpoint, export_variants, fingerprint, read_metadata
 from export.__main__ import main as cli_main
+from export.gate import calibrate_model
 from export.graph import attention_shape_ops, node_counts
 from export.variants import MIN_STORED
 from export.verify import cosine, verify
@@ -427,3 +429,16 @@ def test_explain_restores_an_ensembles_map_with_its_weights(tiny_ensemble, photo
     del graph.metadata_props[:]  # without the recorded weights the map cannot be weighted
     with pytest.raises(ExportError, match="2 attention networks but its metadata records 0 member weights"):
         add_attention_output(graph)
+
+
+def test_gate_calibration_refuses_a_validation_split_other_than_the_models(tmp_path, eyepacs_dir, capsys):
+    """The gate's limits come from the photos training held out: a split of another size is an error."""
+    from export.gate import main as gate_main
+
+    bundled = Path(fundus_sdk.__file__).parent / "models" / "default.onnx"
+    assert json.loads(fundus_sdk.load_model().metadata[contract.TRAINING_DATA])["validation"]["images"] == 538
+    with pytest.raises(ExportError, match="validation split has .* photos, the model's training recorded 538"):
+        calibrate_model(bundled, eyepacs_dir, tmp_path / "out.onnx", val_fraction=0.2)
+    args = [str(bundled), "--data", str(eyepacs_dir), "-o", str(tmp_path / "out.onnx"), "--val-fraction", "0.3"]
+    assert gate_main(args) == Exit.FATAL
+    assert "export.gate: error:" in capsys.readouterr().err and not (tmp_path / "out.onnx").exists()
