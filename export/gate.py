@@ -1,4 +1,4 @@
-"""Calibrate a model's input gate on its training photos and store it in the model file.
+"""Calibrate a model's input gate on its training and validation photos and store it in the model file.
 
     python -m export.gate fundus_sdk/models/default.onnx --data ../shared/data/eyepacs256
 
@@ -121,7 +121,7 @@ def calibrate_model(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m export.gate",
-        description="Calibrate a model's input gate on its training photos (stored in the model file).",
+        description="Calibrate a model's input gate on its training and validation photos (stored in the model file).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="the .onnx model file")

@@ -169,10 +169,10 @@ def test_window_sums_match_the_sums_they_stand_for():
         assert np.allclose(sums, direct)
 
 
-def signals_like(rng: np.random.Generator, n: int, focus: float = 0.5) -> list[Signals]:
+def signals_like(rng: np.random.Generator, n: int) -> list[Signals]:
     """Plausible fundus-photo signals with some spread."""
     return [
-        Signals(colour=0.3 + 0.05 * rng.random(), surround=0.2 * rng.random(), focus=focus * (0.5 + rng.random()),
+        Signals(colour=0.3 + 0.05 * rng.random(), surround=0.2 * rng.random(), focus=0.25 + 0.5 * rng.random(),
                 range=240.0, clipped=0.0, fov_side=256, structure=0.8 + 0.2 * rng.random())
         for _ in range(n)
     ]  # fmt: skip
@@ -182,7 +182,8 @@ def test_limits_come_from_the_held_out_photos_and_hold_every_kind():
     """Photos a network learnt from sit closer than new ones: the limits must come from the held-out
     set, and a minority kind further out (raw-camera copies) sets the limit for its own rows."""
     rng = np.random.default_rng(0)
-    dim, fit = 16, rng.normal(size=(2000, 16))
+    dim = 16
+    fit = rng.normal(size=(2000, dim))
     published, raw = rng.normal(size=(1000, dim)) * 1.3, rng.normal(size=(200, dim)) * 1.6  # both further than fit
     held = np.concatenate([published, raw])
     kinds = np.repeat([0, 1], [len(published), len(raw)])
