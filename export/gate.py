@@ -94,9 +94,9 @@ def calibrate_model(
         model = Model.load(model_path, providers="cpu")
         config = TrainConfig(data=str(data), labels=model.scale.spec, data_seed=data_seed, val_fraction=val_fraction)
         fit, held, _ = split_records(config)
-        recorded = json.loads(model.metadata.get(contract.TRAINING_DATA) or "{}").get("validation", {}).get("images")
         if not held:
             raise ExportError(f"{data}: no validation photos; the limits need photos the model did not learn from")
+        recorded = json.loads(model.metadata.get(contract.TRAINING_DATA) or "{}").get("validation", {}).get("images")
         if recorded is not None and recorded != len(held):
             raise ExportError(
                 f"{data}: the validation split has {len(held)} photos, the model's training recorded {recorded}: "

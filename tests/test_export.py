@@ -25,15 +25,16 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import fundus_sdk
 from export import ExportError, compare_variants, export_checkpoint, export_variants, fingerprint, read_metadata
 from export.__main__ import main as cli_main
 from export.gate import calibrate_model
+from export.gate import main as gate_main
 from export.graph import attention_shape_ops, node_counts
 from export.variants import MIN_STORED
 from export.verify import cosine, verify
 from fundus_sdk import contract, metrics
 from fundus_sdk.errors import Exit
+from fundus_sdk.model import default_model_path, load_model
 from fundus_sdk.preprocess import Preprocess
 from training.checkpoint import load_checkpoint
 from training.model import ExportModule, FundusNet, ModelConfig
@@ -433,10 +434,8 @@ def test_explain_restores_an_ensembles_map_with_its_weights(tiny_ensemble, photo
 
 def test_gate_calibration_refuses_a_validation_split_other_than_the_models(tmp_path, eyepacs_dir, capsys):
     """The gate's limits come from the photos training held out: a split of another size is an error."""
-    from export.gate import main as gate_main
-
-    bundled = Path(fundus_sdk.__file__).parent / "models" / "default.onnx"
-    assert json.loads(fundus_sdk.load_model().metadata[contract.TRAINING_DATA])["validation"]["images"] == 538
+    bundled = default_model_path()
+    assert json.loads(load_model(bundled).metadata[contract.TRAINING_DATA])["validation"]["images"] == 538
     with pytest.raises(ExportError, match="validation split has .* photos, the model's training recorded 538"):
         calibrate_model(bundled, eyepacs_dir, tmp_path / "out.onnx", val_fraction=0.2)
     args = [str(bundled), "--data", str(eyepacs_dir), "-o", str(tmp_path / "out.onnx"), "--val-fraction", "0.3"]
