@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -70,13 +71,28 @@ def test_iter_embed_reads_ahead_a_bounded_way_and_keeps_order(model, photos, tmp
 
     batches = model.iter_embed(source(), batch_size=2, check=False)
     first = next(batches)
-    # the next batches are being prepared while the model runs, but never the whole input at once
-    assert 2 < len(pulled) <= 4 * 2
+    # the next batches are being embedded while the first is handed over, but never the whole input
+    assert 2 < len(pulled) <= 3 * 2
     done = [first, *batches]
     assert [i for b in done for i in b.positions] == [0, 1, 2, 3, 5, 6, 7, 8]
     assert [str(e.source) for b in done for e in b.errors] == [str(bad)]
     expected = model.embed([item for item in items if item != bad])
     np.testing.assert_allclose(np.concatenate([b.vectors for b in done]), expected, atol=1e-5)
+
+
+def test_iter_embed_runs_the_model_on_two_batches_at_once(model, photos, monkeypatch):
+    both_running = threading.Barrier(2, timeout=30)  # broken unless two runs meet inside the model
+    run = model.run
+
+    def meeting_run(batch: np.ndarray) -> np.ndarray:
+        both_running.wait()
+        return run(batch)
+
+    monkeypatch.setattr(model, "run", meeting_run)
+    batches = list(model.iter_embed(photos[:4], batch_size=2, workers=2, check=False))
+    assert [b.positions for b in batches] == [[0, 1], [2, 3]]
+    monkeypatch.setattr(model, "run", run)
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), model.embed(photos[:4]), atol=1e-5)
 
 
 def test_run_calls_the_graph_in_chunks_with_the_same_result(model, photos, monkeypatch):
