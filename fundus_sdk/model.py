@@ -31,9 +31,10 @@ from .weights import fingerprint as weights_fingerprint
 log = logging.getLogger(__name__)
 OUTPUTS = ([contract.OUTPUT_NAME], [contract.OUTPUT_NAME, contract.ATTENTION_NAME])  # what a model may output
 DEFAULT_MODEL = "default.onnx"
-# Images per ONNX Runtime call. Its CPU arena keeps the peak of the largest call: `index add`
-# of 200 photos at the default batch of 16 peaked at 1.1 GB with one call per batch, at 370 MB
-# with calls of 2, in the same time (benchmarks/add_memory.py). Batches stay 16 everywhere else
+# Images per ONNX Runtime call. Its CPU arena keeps the peak of the images in flight at once:
+# `index add` of 200 photos at the default batch of 16 peaked at 1.1 GB with one call per batch,
+# at 370 MB with calls of 2, in the same time (benchmarks/add_memory.py). `iter_embed` runs
+# several batches at once and splits this between them. Batches stay 16 everywhere else
 # (decoding ahead, gate, commits).
 RUN_CHUNK = 2
 MODEL_LICENCE = "LICENSE-MODEL.txt"  # the bundled weights' terms, beside them in the package
@@ -202,9 +203,10 @@ class Model:
         """Descriptors for a preprocessed uint8 (n, size, size, 3) batch."""
         return self._outputs([contract.OUTPUT_NAME], batch)[0]
 
-    def _outputs(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
-        """The graph's `names` outputs for a batch, run RUN_CHUNK images at a time."""
-        runs = [self.session.run(names, {contract.INPUT_NAME: batch[i : i + RUN_CHUNK]}) for i in range(0, len(batch), RUN_CHUNK)]
+    def _outputs(self, names: list[str], batch: np.ndarray, chunk: int | None = None) -> list[np.ndarray]:
+        """The graph's `names` outputs for a batch, run `chunk` (default RUN_CHUNK) images at a time."""
+        step = chunk or RUN_CHUNK
+        runs = [self.session.run(names, {contract.INPUT_NAME: batch[i : i + step]}) for i in range(0, len(batch), step)]
         return [np.concatenate([r[j] for r in runs]) for j in range(len(names))] if runs else [
             np.zeros((0, *o.shape[1:]), np.float32) for o in self.session.get_outputs() if o.name in names
         ]
@@ -232,12 +234,13 @@ class Model:
         with the input gate's Verdict, else None.
         """
         source = iter(images)
+        chunk = max(1, RUN_CHUNK // max(1, workers))  # the images in ONNX Runtime at once stay RUN_CHUNK
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending: deque[Future[Batch]] = deque()
             start = 0
             try:
                 while items := list(islice(source, batch_size)):
-                    pending.append(pool.submit(self._embed_batch, start, items, check))
+                    pending.append(pool.submit(self._embed_batch, start, items, check, chunk))
                     start += len(items)
                     if len(pending) > max(1, workers):
                         yield pending.popleft().result()
@@ -247,7 +250,7 @@ class Model:
                 for future in pending:
                     future.cancel()
 
-    def _embed_batch(self, start: int, items: list[ImageInput], check: bool) -> Batch:
+    def _embed_batch(self, start: int, items: list[ImageInput], check: bool, chunk: int) -> Batch:
         """One `iter_embed` batch: `items` are the inputs from position `start` on."""
         loaded: list[tuple[Prepared, Decoded] | ImageError] = []
         for item in items:
@@ -256,7 +259,8 @@ class Model:
             except ImageError as exc:
                 loaded.append(exc)
         ok = [(start + i, r) for i, r in enumerate(loaded) if not isinstance(r, ImageError)]
-        vectors = self.run(np.stack([r[0].pixels for _, r in ok])) if ok else np.zeros((0, self.dim), np.float32)
+        pixels = np.stack([r[0].pixels for _, r in ok]) if ok else None
+        vectors = self._outputs([contract.OUTPUT_NAME], pixels, chunk)[0] if ok else np.zeros((0, self.dim), np.float32)
         return Batch(
             [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok],
             [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)],

@@ -81,17 +81,21 @@ def test_iter_embed_reads_ahead_a_bounded_way_and_keeps_order(model, photos, tmp
 
 
 def test_iter_embed_runs_the_model_on_two_batches_at_once(model, photos, monkeypatch):
-    both_running = threading.Barrier(2, timeout=30)  # broken unless two runs meet inside the model
-    run = model.run
+    both_running = threading.Barrier(2, timeout=30)  # broken unless two calls meet inside ONNX Runtime
+    session = model.session
 
-    def meeting_run(batch: np.ndarray) -> np.ndarray:
-        both_running.wait()
-        return run(batch)
+    class MeetingSession:
+        def run(self, names, feeds):
+            both_running.wait()
+            return session.run(names, feeds)
 
-    monkeypatch.setattr(model, "run", meeting_run)
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+    monkeypatch.setattr(model, "session", MeetingSession())
     batches = list(model.iter_embed(photos[:4], batch_size=2, workers=2, check=False))
     assert [b.positions for b in batches] == [[0, 1], [2, 3]]
-    monkeypatch.setattr(model, "run", run)
+    monkeypatch.setattr(model, "session", session)
     np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), model.embed(photos[:4]), atol=1e-5)
 
 
