@@ -1,8 +1,9 @@
-"""Peak memory of `fundus-sdk index add` at default settings: ONNX Runtime called per chunk of
-images (fundus_sdk.model.RUN_CHUNK) against one call per batch of 16, and for a larger folder.
+"""Peak memory of `fundus-sdk index add` at default settings: RUN_CHUNK images in ONNX Runtime at
+once (fundus_sdk.model.RUN_CHUNK, split between the batches running together) against 16, and for
+a larger folder.
 
-Why: ONNX Runtime's CPU arena keeps the peak of the largest call, so the size of each call, not
-the batch of the pipeline, sets the memory an `index add` holds. Each run is a fresh process
+Why: ONNX Runtime's CPU arena keeps the peak of the images in it at once, so the size of the
+calls, not the batch of the pipeline, sets the memory an `index add` holds. Each run is a fresh process
 (`fundus-sdk index add` into a new index, photos symlinked from ../shared) that reports its own
 peak resident memory (ru_maxrss); the A/B pairs run back to back in the same minute.
 
@@ -62,7 +63,7 @@ def main() -> None:
             measured = {chunk: add(folder, Path(tmp) / f"ix-{n}-{chunk}", chunk) for chunk in (16, RUN_CHUNK)}
             (mb16, s16), (mb, s) = measured[16], measured[RUN_CHUNK]
             rows.append([n, f"{mb16:.0f}", f"{mb:.0f}", ratio(mb, mb16), f"{s16:.1f}", f"{s:.1f}", ratio(s, s16)])
-    print(f"batch 16 (the default) in both; calls of 16 images against calls of {RUN_CHUNK} (RUN_CHUNK); target <= 400 MB\n")
+    print(f"batch 16 (the default) in both; 16 images in ONNX Runtime at once against {RUN_CHUNK} (RUN_CHUNK); target <= 400 MB\n")
     print(format_table(["photos", "peak MB, 16", f"peak MB, {RUN_CHUNK}", "memory ratio", "s, 16", f"s, {RUN_CHUNK}", "time ratio"], rows))
 
 

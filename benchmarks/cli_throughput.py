@@ -2,10 +2,11 @@
 
 Why: what a clinic sees is the command, not the model. This measures
 - images/s of `fundus-sdk embed` on a folder of real photos (a subprocess, timed from launch to
-  exit: start-up, model load, decoding and preprocessing in 2 threads, inference, writing the
+  exit: start-up, model load, two threads each decoding, preprocessing and embedding a batch, writing the
   .npz), the rate the command reports itself (its embedding loop only), and images/s of the
   model alone (Model.run on batches preprocessed beforehand) and of decode + preprocess alone
-  (one thread); ratios of the command's rates to the model-only rate;
+  (one thread), the three in turn in each round; ratios of the command's rates to the model-only
+  rate;
 - wall time of `fundus-sdk --help` and `python -c "import fundus_sdk"` against `python -c pass`;
 - the installed size of the runtime (fundus_sdk/ with its bundled model, plus every installed
   distribution its requirements pull in) against what the `train` extra adds (torch,
@@ -34,7 +35,7 @@ import fundus_sdk
 from fundus_sdk import load_model
 from fundus_sdk.tables import format_table
 
-from .common import EYEPACS_IMAGES, measure, photos, print_header, ratio, seconds
+from .common import EYEPACS_IMAGES, measure, measure_in_turn, photos, print_header, ratio, seconds
 
 CLI = Path(sys.executable).with_name("fundus-sdk")
 RATE = re.compile(r"([\d.]+) images/s")
@@ -132,12 +133,15 @@ def main() -> None:
             (folder / f.name).symlink_to(f.resolve())
         embed_cmd = [str(CLI), "embed", str(folder), "-o", str(tmp / "out.npz"), "-q", "--batch-size", str(args.batch_size), *model_args]
         reported: list[float] = []
-        # exit 1: the input gate refused (and named) some photos; every photo was still decoded and embedded
-        cli = measure(lambda: reported.append(reported_rate(run(embed_cmd, tmp, ok=(0, 1)))), args.repeats, args.warmup)
-        prep = measure(lambda: [model.preprocess(f) for f in files], args.repeats, args.warmup)
         batch = np.stack([model.preprocess(f) for f in files])
-        only = measure(lambda: [model.run(batch[i : i + args.batch_size]) for i in range(0, len(batch), args.batch_size)],
-                       args.repeats, args.warmup)
+        # in turn, round by round: the host's speed drifts by more than the differences measured
+        timed = measure_in_turn({
+            # exit 1: the input gate refused (and named) some photos; every photo was still decoded and embedded
+            "cli": lambda: reported.append(reported_rate(run(embed_cmd, tmp, ok=(0, 1)))),
+            "prep": lambda: [model.preprocess(f) for f in files],
+            "only": lambda: [model.run(batch[i : i + args.batch_size]) for i in range(0, len(batch), args.batch_size)],
+        }, args.repeats, args.warmup)  # fmt: skip
+        cli, prep, only = timed["cli"], timed["prep"], timed["only"]
         n = len(files)
         model_rate = only.rate(n)
         own_rate = float(np.median(reported[args.warmup:]))

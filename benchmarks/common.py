@@ -105,6 +105,21 @@ def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
     return Timing(tuple(runs))
 
 
+def measure_in_turn(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
+    """Like `measure` for several functions, run one after another in each round, so that every
+    ratio between them compares the same minutes even when the machine's speed drifts."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(r)) for name, r in runs.items()}
+
+
 def seconds(s: float) -> str:
     """A duration with a readable unit."""
     if s < 1e-3:
