@@ -192,7 +192,7 @@ import sys, numpy as np
 from fundus_sdk import Index, load_model
 path, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = load_model()
-rng = np.random.default_rng(seed)
+rng = np.random.default_rng(1000 + seed)  # not filled()'s seed 0: its vectors would come again, tied with theirs
 with Index.open(path, model=model) as ix:
     for r in range(rounds):
         v = rng.normal(size=(3, model.dim)).astype(np.float32)
