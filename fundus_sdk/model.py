@@ -259,8 +259,8 @@ class Model:
             except ImageError as exc:
                 loaded.append(exc)
         ok = [(start + i, r) for i, r in enumerate(loaded) if not isinstance(r, ImageError)]
-        pixels = np.stack([r[0].pixels for _, r in ok]) if ok else None
-        vectors = self._outputs([contract.OUTPUT_NAME], pixels, chunk)[0] if ok else np.zeros((0, self.dim), np.float32)
+        pixels = np.stack([r[0].pixels for _, r in ok]) if ok else np.zeros((0, self.preprocess.size, self.preprocess.size, 3), np.uint8)
+        vectors = self._outputs([contract.OUTPUT_NAME], pixels, chunk)[0]
         return Batch(
             [i for i, _ in ok], vectors, [r[1].sha256 for _, r in ok],
             [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)],
