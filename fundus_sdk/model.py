@@ -234,7 +234,10 @@ class Model:
         with the input gate's Verdict, else None.
         """
         source = iter(images)
-        chunk = max(1, RUN_CHUNK // max(1, workers))  # the images in ONNX Runtime at once stay RUN_CHUNK
+        # On the CPU the images in ONNX Runtime at once stay RUN_CHUNK (its arena is the process's
+        # memory); a GPU keeps calls of RUN_CHUNK, as before the batches ran together.
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        chunk = max(1, RUN_CHUNK // max(1, workers)) if on_cpu else RUN_CHUNK
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending: deque[Future[Batch]] = deque()
             start = 0

@@ -82,10 +82,11 @@ def test_iter_embed_reads_ahead_a_bounded_way_and_keeps_order(model, photos, tmp
 
 def test_iter_embed_runs_the_model_on_two_batches_at_once(model, photos, monkeypatch):
     both_running = threading.Barrier(2, timeout=30)  # broken unless two calls meet inside ONNX Runtime
-    session = model.session
+    session, sizes = model.session, []
 
     class MeetingSession:
         def run(self, names, feeds):
+            sizes.append(len(feeds[contract.INPUT_NAME]))
             both_running.wait()
             return session.run(names, feeds)
 
@@ -95,6 +96,8 @@ def test_iter_embed_runs_the_model_on_two_batches_at_once(model, photos, monkeyp
     monkeypatch.setattr(model, "session", MeetingSession())
     batches = list(model.iter_embed(photos[:4], batch_size=2, workers=2, check=False))
     assert [b.positions for b in batches] == [[0, 1], [2, 3]]
+    # on the CPU the two calls together hold no more images than one call of RUN_CHUNK (memory)
+    assert 2 * max(sizes) <= fundus_sdk.model.RUN_CHUNK and sum(sizes) == 4
     monkeypatch.setattr(model, "session", session)
     np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), model.embed(photos[:4]), atol=1e-5)
 
