@@ -95,14 +95,7 @@ class Timing:
 
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
     """Run `fn` `warmup` times untimed, then `repeats` times timed with time.perf_counter."""
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - start)
-    return Timing(tuple(runs))
+    return measure_in_turn({"": fn}, repeats, warmup)[""]
 
 
 def measure_in_turn(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:

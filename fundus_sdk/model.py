@@ -233,19 +233,19 @@ class Model:
         ImageError instead of a vector. With `check` (and a calibrated model) each vector comes
         with the input gate's Verdict, else None.
         """
-        source = iter(images)
+        source, workers = iter(images), max(1, workers)
         # On the CPU the images in ONNX Runtime at once stay RUN_CHUNK (its arena is the process's
         # memory); a GPU keeps calls of RUN_CHUNK, as before the batches ran together.
         on_cpu = self.providers[0] == "CPUExecutionProvider"
-        chunk = max(1, RUN_CHUNK // max(1, workers)) if on_cpu else RUN_CHUNK
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        chunk = max(1, RUN_CHUNK // workers) if on_cpu else RUN_CHUNK
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             pending: deque[Future[Batch]] = deque()
             start = 0
             try:
                 while items := list(islice(source, batch_size)):
                     pending.append(pool.submit(self._embed_batch, start, items, check, chunk))
                     start += len(items)
-                    if len(pending) > max(1, workers):
+                    if len(pending) > workers:
                         yield pending.popleft().result()
                 while pending:
                     yield pending.popleft().result()
