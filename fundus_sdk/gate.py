@@ -104,7 +104,7 @@ def measure(square: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int]
     r, g, b = (small[:, :, c] for c in range(3))
     top = np.maximum(np.maximum(r, g), b)[inside].astype(np.float32)
     bottom = np.minimum(np.minimum(r, g), b)[inside]
-    grey = small.sum(axis=2, dtype=np.float32) / 3
+    grey = (r.astype(np.float32) + g + b) / 3  # sums of three 8-bit values are exact in any order
     lap = np.abs(4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
     inner = inside[1:-1, 1:-1]
     q = int(0.99 * (top.size - 1))

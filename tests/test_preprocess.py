@@ -14,6 +14,7 @@ from fundus_sdk.preprocess import (
     Preprocess,
     _box_sum,
     _brightness,
+    _erode,
     equalise_channels,
     fov_box,
     fov_mask,
@@ -242,6 +243,17 @@ def test_box_sums_equal_numpy_cumsum_to_the_bit(shape, radius):
         want = np.take(c, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis) - np.take(c, np.arange(n), axis=axis)
         assert np.array_equal(_box_sum(a, radius, axis), want)
         assert np.array_equal(_box_sum(a, radius, axis, passes=2), _box_sum(_box_sum(a, radius, axis), radius, axis))
+
+
+@pytest.mark.parametrize("shape, radius", [((40, 33), 2), ((9, 9), 1), ((3, 8), 3)])
+def test_erosion_keeps_pixels_whose_whole_window_is_set(shape, radius):
+    # Outside the array counts as unset, so a pixel within `radius` of the border never survives.
+    mask = np.random.default_rng(2).random(shape) > 0.15
+    padded = np.pad(mask, radius)
+    side = 2 * radius + 1
+    want = np.array([[padded[i : i + side, j : j + side].all() for j in range(shape[1])] for i in range(shape[0])])
+    assert want.any() or shape == (3, 8)
+    assert np.array_equal(_erode(mask, radius), want)
 
 
 def test_brightness_threshold_is_that_of_np_percentile(retina):
