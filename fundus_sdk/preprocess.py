@@ -302,12 +302,12 @@ def local_contrast_normalise(
     m = mask.astype(np.float32)
     weighted = np.empty((*m.shape, 4), np.float32)
     weighted[:, :, 3] = m
-    detail = np.empty((*m.shape, 3), np.float32)
     # One colour plane at a time: numpy broadcasting the mask over a last axis of 3 was 4x slower.
     for c in range(3):
         np.multiply(rgb[:, :, c], m, out=weighted[:, :, c])
     blurred = _gaussian_sum(weighted, sigma)
     covered = np.maximum(blurred[:, :, 3], 1e-6)
+    detail = np.empty((*m.shape, 3), np.float32)
     for c in range(3):
         plane = detail[:, :, c]
         np.divide(blurred[:, :, c], covered, out=plane)  # the local mean

@@ -252,7 +252,7 @@ def test_erosion_keeps_pixels_whose_whole_window_is_set(shape, radius):
     padded = np.pad(mask, radius)
     side = 2 * radius + 1
     want = np.array([[padded[i : i + side, j : j + side].all() for j in range(shape[1])] for i in range(shape[0])])
-    assert want.any() or shape == (3, 8)
+    assert want.any() == (min(shape) > 2 * radius)  # some pixel survives wherever one can
     assert np.array_equal(_erode(mask, radius), want)
 
 
