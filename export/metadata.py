@@ -23,6 +23,10 @@ EYEPACS_TERMS = (
     "Trained on EyePACS fundus photographs (Kaggle 2015 Diabetic Retinopathy Detection), "
     "used under the Kaggle competition rules: non-commercial research and education only."
 )
+IDRID_TERMS = (
+    "Trained on IDRiD photographs (c) P. Porwal, S. Pachade and M. Kokare, CC BY 4.0 (P. Porwal et al., "
+    "\"Indian Diabetic Retinopathy Image Dataset (IDRiD)\", Data 3(3):25, 2018)."
+)
 
 
 def fingerprint(model: onnx.ModelProto, metadata: Mapping[str, str]) -> str:
@@ -47,10 +51,8 @@ def fingerprint(model: onnx.ModelProto, metadata: Mapping[str, str]) -> str:
 def licence_note(ckpt: Checkpoint) -> str:
     """Where the weights come from and under which terms, from the checkpoint's records."""
     source = str((ckpt.state.get("data") or {}).get("source") or ckpt.train_config.get("data") or "")
-    if "eyepacs" in source.lower():
-        note = EYEPACS_TERMS
-    else:
-        note = f"Trained on {source or 'unrecorded data'}; the weights carry that data's licence terms."
+    known = [terms for name, terms in (("eyepacs", EYEPACS_TERMS), ("idrid", IDRID_TERMS)) if name in source.lower()]
+    note = " ".join(known) or f"Trained on {source or 'unrecorded data'}; the weights carry that data's licence terms."
     if ckpt.train_config.get("pretrained", True) and ckpt.config.backbone in OFFLINE_WEIGHTS:
         package = OFFLINE_WEIGHTS[ckpt.config.backbone][0]
         note += (

@@ -22,7 +22,7 @@ from .ablate import VARIANTS
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .losses import LOSSES
-from .model import MIRRORING, ModelConfig
+from .model import ATTENTION_MASKS, MIRRORING, ModelConfig
 from .train import train
 from .weights import WeightsUnavailable
 
@@ -34,7 +34,16 @@ def add_data_and_model(p: argparse.ArgumentParser) -> None:
         help="options from a TOML file (keys are the option names, e.g. frozen_blocks = 0); flags given too win. "
         "`train` records the options it ran with as OUT/run.toml",
     )  # fmt: skip
-    p.add_argument("--data", required=True, help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/")
+    p.add_argument(
+        "--data", required=True, nargs="+",
+        help="labels.csv, a folder holding labels.csv, or grade folders 0/..4/; several: trained on together, "
+        "each split by its own split column and validated on its own",
+    )  # fmt: skip
+    p.add_argument(
+        "--source-weights", type=float, nargs="+", default=None, metavar="W",
+        help="with several --data: how often each source's photos are drawn (default 1 each; 3 draws a small "
+        "second camera three times as often)",
+    )  # fmt: skip
     p.add_argument(
         "--labels", default=TrainConfig.labels, metavar="SCALE",
         help="the grading scale: LOW-HIGH (ICDR 0-4, or e.g. 1-3) or named classes lowest first (e.g. "
@@ -90,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_and_model(t)
     add_schedule(t, out="runs/default")
     t.add_argument("--mirroring", choices=MIRRORING, default=ModelConfig.mirroring)
+    t.add_argument("--attention-mask", choices=ATTENTION_MASKS, default=ModelConfig.attention_mask,
+                   help="fov: the mirror attention attends only to feature-map cells wholly inside the field of view")
     t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     t.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation, batch sampling, view choice")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -141,6 +152,8 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     """The run's configurations: option names are the fields' names, and a command sets only the
     options it has (the rest keep the dataclasses' defaults)."""
     opts = vars(args)
+    data = opts["data"][0] if len(opts["data"]) == 1 else opts["data"]  # one source is stored as before
+    opts = opts | {"data": data, "source_weights": opts.get("source_weights") or []}
     model_cfg = ModelConfig(**{f.name: opts[f.name] for f in fields(ModelConfig) if f.name in opts})
     cfg = TrainConfig(
         **{f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts},

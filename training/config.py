@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,13 +21,14 @@ VAL_GALLERY = 2000  # validation ranks against about this many training photos (
 
 @dataclass
 class TrainConfig:
-    data: str
+    data: str | list[str]  # one source, or several trained on together (`sources`)
     labels: str = "0-4"  # the grading scale (fundus_sdk.labels.Scale.parse): ICDR by default
     out: str = "runs/default"
     epochs: int = 6
     aug_views: int = 2
     batch_size: int = 60
     balance_power: float = 0.5  # grade quotas per batch ~ count ** power (0: uniform, 1: natural)
+    source_weights: list[float] = field(default_factory=list)  # per source: how often its photos are drawn (default 1 each)
     batches_per_epoch: int = 0  # 0: one pass over the training images per epoch
     lr: float = 1e-3
     backbone_lr: float = 3e-4
@@ -55,6 +57,18 @@ class TrainConfig:
         if isinstance(self.preprocess, dict):  # as stored in a checkpoint
             self.preprocess = Preprocess(**self.preprocess)
         Scale.parse(self.labels)  # ValueError naming the form
+        if self.source_weights and len(self.source_weights) != len(self.sources):
+            raise ValueError(f"{len(self.source_weights)} source weights given for {len(self.sources)} data sources")
+        if any(w <= 0 for w in self.source_weights):
+            raise ValueError(f"source weights must be positive, got {self.source_weights}")
+
+    @property
+    def sources(self) -> list[str]:
+        """The data sources, each a label file, a folder holding labels.csv, or grade folders."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
+    def source_weight(self, source: int) -> float:
+        return self.source_weights[source] if self.source_weights else 1.0
 
     @property
     def scale(self) -> Scale:
@@ -67,13 +81,28 @@ class TrainConfig:
         return replace(self.preprocess, size=model_cfg.input_size)
 
 
+def source_names(sources: list[str]) -> list[str]:
+    """A short distinct name per source: its data set's folder name (eyepacs256, idrid, ...)."""
+    names = []
+    for i, source in enumerate(sources):
+        path = Path(source)
+        name = path.name if path.is_dir() else path.parent.name or path.stem
+        names.append(name if name not in names else f"{name}-{i + 1}")
+    return names
+
+
 def split_records(cfg: TrainConfig) -> tuple[list[Record], list[Record], list[Record]]:
-    """(fit, validation, test): the data's train/test split, validation carved from train by patient."""
-    train_recs, test_recs = train_test(read_source(cfg.data, cfg.scale), cfg.data_seed)
-    if cfg.limit:
-        train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
-    fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
-    return fit_recs, val_recs, test_recs
+    """(fit, validation, test): each source's train/test split, validation carved from its train
+    split by patient; records carry their source's name (patients are never shared across sources)."""
+    fit, val, test = [], [], []
+    for source, name in zip(cfg.sources, source_names(cfg.sources)):
+        records = [replace(r, source=name, patient=f"{name}/{r.patient}") for r in read_source(source, cfg.scale)]
+        train_recs, test_recs = train_test(records, cfg.data_seed)
+        if cfg.limit:
+            train_recs, test_recs = train_recs[: cfg.limit], test_recs[: cfg.limit]
+        fit_recs, val_recs = split_by_patient(train_recs, cfg.val_fraction, cfg.data_seed)
+        fit, val, test = fit + fit_recs, val + val_recs, test + test_recs
+    return fit, val, test
 
 
 def validation_gallery(fit_idx: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ class Record:
     grade: int
     patient: str
     split: str = ""
+    source: str = ""  # the data source's name when several are trained on together
 
 
 def read_labels(csv_path: str | Path, image_root: str | Path | None = None, scale: Scale = ICDR) -> list[Record]:
@@ -136,13 +137,17 @@ class BalancedBatches:
     power 0 gives every grade the same quota (rare grades 3 and 4 are seen many times per
     epoch and get memorised); power 1 follows the data (grade 0 swamps the rest); the default
     0.5 sits between. Every grade present gets at least 2 (a positive pair). Samples within a
-    grade are drawn without replacement until exhausted, then reshuffled.
+    grade are drawn without replacement until exhausted, then reshuffled. `weights` (per sample,
+    default 1) say how often a sample is drawn relative to the others: a small second source
+    with weight 3 enters each grade's pool three times (a fractional part enters at random).
     """
 
-    def __init__(self, labels: np.ndarray, batch_size: int, batches: int, seed: int, power: float = 0.5):
+    def __init__(self, labels: np.ndarray, batch_size: int, batches: int, seed: int, power: float = 0.5,
+                 weights: np.ndarray | None = None):  # fmt: skip
         self.labels = np.asarray(labels)
+        self.weights = np.ones(len(self.labels)) if weights is None else np.asarray(weights, dtype=float)
         self.classes = sorted(int(g) for g in np.unique(self.labels))
-        counts = np.array([(self.labels == g).sum() for g in self.classes], dtype=float)
+        counts = np.array([self.weights[self.labels == g].sum() for g in self.classes], dtype=float)
         share = counts**power / (counts**power).sum() * batch_size
         quota = np.maximum(2, np.floor(share)).astype(int)
         for i in np.argsort(-(share - np.floor(share)))[: max(0, batch_size - quota.sum())]:
@@ -156,7 +161,12 @@ class BalancedBatches:
         out: list[int] = []
         while len(out) < self.quota[g]:
             if not self.pools[g]:
-                self.pools[g] = list(self.rng.permutation(np.flatnonzero(self.labels == g)))
+                members = np.flatnonzero(self.labels == g)
+                w = self.weights[members]
+                copies = np.floor(w).astype(int)
+                if (w != copies).any():  # fractional weights (whole ones leave the random sequence as it was)
+                    copies += self.rng.random(len(w)) < w - copies
+                self.pools[g] = list(self.rng.permutation(np.repeat(members, np.maximum(copies, 1 if not copies.any() else 0))))
             out.append(int(self.pools[g].pop()))
         return out
 

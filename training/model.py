@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 MIRRORING = ("feature", "image", "none")
+ATTENTION_MASKS = ("none", "fov")
+SURROUND = 128  # the preprocessed surround's value in every channel (fundus_sdk.preprocess, step 6)
+MASKED = -1e4  # attention logit bias of a masked key position: its softmax share is exp(-1e4) = 0
 
 
 @dataclass
@@ -32,10 +35,15 @@ class ModelConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     frozen_blocks: int = 4  # stem + this many block groups are frozen (and cacheable)
     num_classes: int = 5  # auxiliary grade head (training only; not exported)
+    attention_mask: str = "none"  # "fov": the attention attends only to cells wholly inside the field of view
 
     def __post_init__(self) -> None:
         if self.mirroring not in MIRRORING:
             raise ValueError(f"mirroring must be one of {MIRRORING}, got {self.mirroring!r}")
+        if self.attention_mask not in ATTENTION_MASKS:
+            raise ValueError(f"attention mask must be one of {ATTENTION_MASKS}, got {self.attention_mask!r}")
+        if self.attention_mask == "fov" and self.frozen_blocks:
+            raise ValueError("the field-of-view attention mask is found in the input pixels: it needs frozen_blocks=0")
         if not 1 <= self.dim <= 512:
             raise ValueError(f"descriptor dimension must be 1..512, got {self.dim}")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
@@ -67,30 +75,32 @@ class MirrorAttention(nn.Module):
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
 
-    def maps(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """S_m per view: (B, N, N), row i = where mirrored position i looks in the original map."""
+    def maps(self, a: torch.Tensor, views: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """S_m per view: (B, N, N), row i = where mirrored position i looks in the original map.
+        `bias` (B, 1, N) is added to the logits: MASKED where a key position may not be attended to."""
         key = self.key(a).flatten(2)  # B, d, N
-        return {
-            m: torch.softmax(self.query[m](views[m]).flatten(2).transpose(1, 2) @ key * self.scale, dim=-1)
-            for m in "hv"
-        }
+        maps = {}
+        for m in "hv":
+            logits = self.query[m](views[m]).flatten(2).transpose(1, 2) @ key * self.scale
+            maps[m] = torch.softmax(logits if bias is None else logits + bias, dim=-1)
+        return maps
 
-    def forward(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, a: torch.Tensor, views: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> list[torch.Tensor]:
         b, c, h, w = a.shape
         outputs = []
-        for m, attn in self.maps(a, views).items():
+        for m, attn in self.maps(a, views, bias).items():
             value = self.value[m](a).flatten(2)  # B, d, N
             agg = (value @ attn.transpose(1, 2)).reshape(b, -1, h, w)
             outputs.append(a + self.out[m](agg))
         return outputs
 
-    def received(self, a: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
+    def received(self, a: torch.Tensor, views: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> torch.Tensor:
         """(B, h, w): the share of the attention each original position receives, averaged over
         the mirrored positions and the two views (each map sums to 1). The runtime shows it as
         the heatmap of where the descriptor's evidence came from; export/attention.py builds the
         same quantity inside the ONNX graph."""
         b, _, h, w = a.shape
-        maps = self.maps(a, views)
+        maps = self.maps(a, views, bias)
         return ((maps["h"].mean(dim=1) + maps["v"].mean(dim=1)) * 0.5).reshape(b, h, w)
 
 
@@ -167,7 +177,7 @@ class FundusNet(nn.Module):
         a, views = self.views(h)
         if self.attention is None:
             return self.pool(a), None
-        ph, pv = (self.pool(y) for y in self.attention(a, views))
+        ph, pv = (self.pool(y) for y in self.attention(a, views, self.key_bias(h, a)))
         return torch.cat([ph, pv], dim=1), F.cosine_similarity(ph, pv, dim=1)
 
     def views(self, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -179,11 +189,33 @@ class FundusNet(nn.Module):
             fh, fv = a.flip(3), a.flip(2)
         return a, {"h": fh, "v": fv}
 
+    def key_bias(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, N) attention-logit bias for the feature map `a` of the normalised images `x`:
+        0 at cells wholly inside the field of view, MASKED elsewhere (None without a mask).
+
+        Preprocessing sets the surround to SURROUND in every channel. The pixels holding that
+        value, opened by a 3x3 square (a lone mid-grey pixel inside the field is not surround),
+        are the surround, and a cell holding any of it is masked. The same arithmetic is exported
+        into the ONNX graph, so the runtime's maps are masked alike.
+        """
+        if self.config.attention_mask == "none":
+            return None
+        grey = (SURROUND / 255.0 - self.mean) / self.std  # the surround, normalised
+        step = 0.5 / 255.0 / self.std  # half a grey level, normalised
+        surround = ((x - grey).abs() / step).amax(dim=1, keepdim=True).lt(1).float()
+        surround = -F.max_pool2d(-surround, 3, stride=1, padding=1)  # open (erode, then dilate): a lone
+        surround = F.max_pool2d(surround, 3, stride=1, padding=1)  # mid-grey pixel goes, the rim stays
+        cell = (x.shape[-2] // a.shape[-2], x.shape[-1] // a.shape[-1])
+        touched = F.max_pool2d(surround, cell, stride=cell)  # (B, 1, h, w): 1 where a cell holds surround
+        return (touched * MASKED).flatten(2)
+
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images -> (B, h, w) mirror-attention map (MirrorAttention.received)."""
         if self.attention is None:
             raise ValueError("a model without mirror attention has no attention map")
-        return self.attention.received(*self.views(self.trunk(x)))
+        h = self.trunk(x)
+        a, views = self.views(h)
+        return self.attention.received(a, views, self.key_bias(h, a))
 
     def embed_trunk(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Trunk output -> (unit descriptors, per-image agreement of the two views or None)."""

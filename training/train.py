@@ -29,7 +29,7 @@ from fundus_sdk.labels import Scale
 
 from .cache import CachedTrunk
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, seed_everything, split_records, validation_gallery
+from .config import TrainConfig, seed_everything, source_names, split_records, validation_gallery
 from .data import BalancedBatches, Record
 from .device import autocast, resolve_device
 from .losses import metric_loss, ordinal_loss
@@ -37,9 +37,23 @@ from .model import FundusNet, ModelConfig
 from .photos import InMemoryPhotos
 
 
-def selection_score(report: dict) -> float:
-    """What the best checkpoint maximises: micro plus macro mHR@k (both matter to users)."""
-    return report["micro"]["mHR"] + report["macro"]["mHR"]
+def selection_score(reports: dict[str, dict]) -> float:
+    """What the best checkpoint maximises: micro plus macro mHR@k (both matter to users), averaged
+    over the sources' own validation parts (a small second camera counts as much as the first)."""
+    return float(np.mean([r["micro"]["mHR"] + r["macro"]["mHR"] for r in reports.values()]))
+
+
+def by_source(records: list[Record], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The positions `idx` into `records` grouped by source name, in the sources' order."""
+    groups: dict[str, list[int]] = {}
+    for i in idx:
+        groups.setdefault(records[i].source, []).append(int(i))
+    return {name: np.array(members) for name, members in groups.items()}
+
+
+def describe(report: dict) -> str:
+    return (f"mHR@k {report['micro']['mHR']:.3f} macro {report['macro']['mHR']:.3f}  per grade "
+            + " ".join(f"{g}:{v:.2f}" for g, v in report["per_grade"]["mHR"].items()))  # fmt: skip
 
 
 def data_summary(name: str, records: list[Record], scale: Scale) -> dict:
@@ -91,7 +105,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     grades = np.array([r.grade for r in everyone])
     fit_idx = np.flatnonzero(source.ok & (splits == 0))
     val_idx = np.flatnonzero(source.ok & (splits == 1))
-    fit_grades, val_grades = grades[fit_idx], grades[val_idx]
+    fit_grades = grades[fit_idx]
     fit_classes = fit_grades - cfg.scale.low  # the grade head's targets: 0 .. len(scale) - 1
     span = cfg.scale.span
     log(f"training input ready in {time.time() - started:.0f}s ({source.root})")
@@ -119,8 +133,11 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     summary = {
         "train": data_summary("fit", [everyone[i] for i in fit_idx], cfg.scale),
         "validation": data_summary("validation", [everyone[i] for i in val_idx], cfg.scale),
-        "source": str(cfg.data),
+        "source": str(cfg.data) if isinstance(cfg.data, str) else [str(d) for d in cfg.data],
     }
+    names = source_names(cfg.sources)
+    weights = np.array([cfg.source_weight(names.index(everyone[i].source)) for i in fit_idx])
+    val_groups = by_source(everyone, val_idx)
 
     def checkpoint(epoch: int, report: dict) -> dict:
         return {
@@ -137,7 +154,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         seed = cfg.seed * 1000 + epoch
-        sampler = BalancedBatches(fit_grades, cfg.batch_size, steps, seed, cfg.balance_power)
+        sampler = BalancedBatches(fit_grades, cfg.batch_size, steps, seed, cfg.balance_power, weights)
         losses = []
         bar = tqdm(source.batches(fit_idx, fit_classes, sampler, seed, device), total=steps,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr)
@@ -163,18 +180,16 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
             report, score = {}, (float(epoch) if not cfg.validate else -1.0)
         else:
             gallery = validation_gallery(fit_idx)  # a fixed slice: choosing epochs only
-            report = metrics.retrieval_report(
-                source.embed(net, val_idx, device), source.embed(net, gallery, device), val_grades, grades[gallery], cfg.k,
-                span,
-            )
-            score = selection_score(report)
-            history[-1] |= {"val_mHR": report["micro"]["mHR"], "val_macro_mHR": report["macro"]["mHR"]}
-            log(
-                f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  val mHR@{cfg.k} {report['micro']['mHR']:.3f} "
-                f"macro {report['macro']['mHR']:.3f}  per grade "
-                + " ".join(f"{g}:{v:.2f}" for g, v in report["per_grade"]["mHR"].items())
-                + f"  ({time.time() - started:.0f}s)"
-            )
+            gallery_vectors = source.embed(net, gallery, device)
+            reports = {
+                name: metrics.retrieval_report(source.embed(net, idx, device), gallery_vectors, grades[idx], grades[gallery], cfg.k, span)
+                for name, idx in val_groups.items()
+            }
+            report = reports[names[0]] if len(reports) == 1 else reports
+            score = selection_score(reports)
+            history[-1] |= {f"val_{name}": {"mHR": r["micro"]["mHR"], "macro_mHR": r["macro"]["mHR"]} for name, r in reports.items()}
+            for name, r in reports.items():
+                log(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  val {name} {describe(r)}  ({time.time() - started:.0f}s)")
         if score > best:
             best = score
             save_checkpoint(out / "best.pt", checkpoint(epoch, report))
@@ -188,15 +203,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     net.load_state_dict(best_state["model"])
     gallery_idx = np.flatnonzero(source.ok & (splits < 2))
     test_idx = np.flatnonzero(source.ok & (splits == 2))
-    test_report = metrics.retrieval_report(
-        source.embed(net, test_idx, device), source.embed(net, gallery_idx, device), grades[test_idx], grades[gallery_idx], cfg.k,
-        span,
-    )
+    gallery_vectors = source.embed(net, gallery_idx, device)
+    tests = {
+        name: metrics.retrieval_report(source.embed(net, idx, device), gallery_vectors, grades[idx], grades[gallery_idx], cfg.k, span)
+        for name, idx in by_source(everyone, test_idx).items()
+    }
+    test_report = tests[names[0]] if len(tests) == 1 else tests
     best_state["test"] = test_report
     best_state["train_seconds"] = time.time() - started
     save_checkpoint(out / "best.pt", best_state)
-    log(f"test (gallery = train split, queries = test split), best epoch {best_state['epoch'] + 1}:\n"
-        + metrics.format_report(test_report))
+    for name, report in tests.items():
+        log(f"test {name} (gallery = every source's train split, queries = its test split), best epoch "
+            f"{best_state['epoch'] + 1}:\n" + metrics.format_report(report))
     (out / "test_metrics.json").write_text(json.dumps(test_report, indent=2))
     log(f"done in {time.time() - started:.0f}s; best checkpoint {out / 'best.pt'}")
     log_file.close()
