@@ -15,6 +15,7 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 OUTPUT_NAME = "embedding"
 ATTENTION_NAME = "attention"  # optional
+UNIT_NORM_TOLERANCE = 1e-3  # |norm - 1| of a descriptor given as input or read back from an index
 
 # metadata_props keys
 FORMAT = "fundus_sdk.format"  # FORMAT_VERSION

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 
 from .atomic import fsync_dir, write_atomically
+from .contract import UNIT_NORM_TOLERANCE
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
 from .dicom import Frame, looks_like_dicom
 from .dicom import frames as dicom_frames
@@ -98,6 +99,12 @@ CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
 
 FILE_MODE = 0o600  # index files hold patients' photo paths: readable by their owner only
 DIR_MODE = 0o700
+
+
+def unit_rows(vecs: np.ndarray) -> np.ndarray:
+    """Per row: finite and of unit norm (within UNIT_NORM_TOLERANCE), as the model writes them."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.abs(np.linalg.norm(vecs.astype(np.float64), axis=1) - 1) <= UNIT_NORM_TOLERANCE  # NaN, inf: False
 
 
 def file_sha256(path: Path) -> str:
@@ -663,6 +670,11 @@ class Index:
             warnings.warn(f"{file}: checksum differs from the one recorded at commit; rebuilt from {DB_NAME}", stacklevel=4)
             return None
         try:
+            header = _USearch.metadata(str(file))
+            if header is None or header.get("count_deleted"):  # removed slots abort usearch's restore
+                warnings.warn(f"{file}: holds removed vectors, which this usearch cannot read back; rebuilt from {DB_NAME}",
+                              stacklevel=4)  # fmt: skip
+                return None
             vectors = _USearch.restore(str(file), view=self.read_only)
         except Exception:  # usearch raises plain RuntimeErrors for damaged files
             return None
@@ -689,16 +701,24 @@ class Index:
                     f"SELECT key, vector FROM cases WHERE key IN ({','.join('?' * len(part))})", part
                 ).fetchall()
         size = 4 * self.dim
-        bad = [r[0] for r in rows if not isinstance(r[1], bytes) or len(r[1]) != size]
-        if bad:
+        sized = [r for r in rows if isinstance(r[1], bytes) and len(r[1]) == size]
+        ks = np.array([r[0] for r in sized], dtype=np.uint64)
+        vs = np.frombuffer(b"".join(r[1] for r in sized), dtype=np.float32).reshape(len(sized), self.dim)
+        whole = unit_rows(vs)
+        if len(sized) < len(rows) or not whole.all():
+            bad = sorted({r[0] for r in rows} - set(ks[whole].tolist()))
             warnings.warn(
                 f"{self.path}: case(s) {', '.join(map(str, bad[:10]))} have a damaged stored vector and are left out of "
                 "search (remove and re-add them)", stacklevel=3,
             )
-            rows = [r for r in rows if r[0] not in set(bad)]
-        ks = np.array([r[0] for r in rows], dtype=np.uint64)
-        vs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+            ks, vs = ks[whole], vs[whole]
         return ks, vs
+
+    def _damaged_rows(self) -> list[int]:
+        """Keys whose stored vector is not `dim` float32 values, finite and of unit norm."""
+        size = 4 * self.dim
+        return [k for (k, v) in self._conn.execute("SELECT key, vector FROM cases")
+                if not isinstance(v, bytes) or len(v) != size or not unit_rows(np.frombuffer(v, np.float32)[None])[0]]  # fmt: skip
 
     def _snapshot(self, vectors: _USearch, generation: int) -> None:
         """Write `vectors` as `generation`'s vector file (aside, fsync, rename) and make it the base:
@@ -747,6 +767,9 @@ class Index:
                 result = change(self._conn, self._vectors)
                 self._conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
                 if self._conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] > self.log_limit:
+                    # written from the stored vectors, never from the in-memory index: usearch <= 2.25
+                    # saves removed slots that abort every later restore (a fresh index has none)
+                    self._vectors = self._vectors_from_sqlite()
                     self._snapshot(self._vectors, new)
                 self._conn.execute("COMMIT")
             except BaseException as exc:
@@ -784,8 +807,7 @@ class Index:
             vecs = np.atleast_2d(items).astype(np.float32)
             if vecs.shape[1] != self.dim:
                 raise ModelMismatchError(f"vectors have dimension {vecs.shape[1]}, {self.path} holds {self.dim}")
-            norms = np.linalg.norm(vecs, axis=1)
-            if not np.all(np.isfinite(vecs)) or np.any(np.abs(norms - 1) > 1e-3):
+            if not unit_rows(vecs).all():
                 raise ValueError("vectors must be finite and unit-norm (as embed() returns them)")
             return vecs
         return None
@@ -895,7 +917,7 @@ class Index:
         file = self._vector_file(self._base)
         rows = len(self)
         logged = self._conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] if self._has_table(LOG_TABLE) else 0
-        damaged = [k for (k, n) in self._conn.execute("SELECT key, length(vector) FROM cases") if n != 4 * self.dim]
+        damaged = self._damaged_rows()
         recorded = self._info.get("vectors_sha256")
         leftovers = self._leftovers()
         report = {

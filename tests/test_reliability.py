@@ -354,3 +354,66 @@ def test_a_batch_search_finds_what_one_query_at_a_time_finds(tmp_path, model):
                 assert [[h.key for h in hits] for hits in batch] == [[h.key for h in ix.search(q, k=8)] for q in queries]
                 assert all(len(hits) == 8 and 3 not in {h.key for h in hits} for hits in batch)
             assert [hits[0].key for hits in reader.search_batch(vectors[:4], k=1)][:2] == [1, 2]
+
+
+def test_removals_past_the_log_limit_leave_an_index_every_process_opens(tmp_path, model):
+    """Adding 2,800 cases then removing 1,300 commits past the log limit: the vector file written
+    then must be one usearch reads back (a file with removed slots aborts the process)."""
+    vectors = filled(tmp_path / "cases", model, 2800)
+    with Index.open(tmp_path / "cases", model=model) as ix:
+        assert ix.remove(list(range(1, 1301))) == 1300
+    opener = [sys.executable, "-c", "import sys; from fundus_sdk import Index; ix = Index.open(sys.argv[1], read_only=True); "
+              "print(len(ix), ix.check()['ok'])", str(tmp_path / "cases")]  # fmt: skip
+    proc = subprocess.run(opener, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.split() == ["1500", "True"], proc.stderr[-2000:]
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert ro.search(vectors[2000], k=1)[0].key == 2001
+
+
+def test_a_vector_file_with_removed_slots_is_rebuilt_not_restored(tmp_path, model):
+    """A file an earlier version wrote with removed slots is rebuilt from SQLite, not handed to usearch."""
+    from usearch.index import Index as USearch
+
+    vectors = filled(tmp_path / "cases", model, 30, log_limit=0)
+    (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
+    damaged = USearch(ndim=model.dim, metric="cos", dtype="f16")
+    damaged.add(np.arange(1, 31, dtype=np.uint64), vectors)
+    damaged.remove(np.arange(1, 11, dtype=np.uint64))
+    damaged.save(str(file))
+    db = sqlite3.connect(tmp_path / "cases" / "cases.sqlite")
+    db.execute("DELETE FROM info WHERE name = 'vectors_sha256'")  # as an index from before checksums
+    db.commit()
+    db.close()
+    code = f"""
+        import warnings
+        from fundus_sdk import Index
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ix = Index.open({str(tmp_path / "cases")!r}, read_only=True)
+        print(len(ix), any("removed vectors" in str(w.message) for w in caught))
+    """
+    proc = python(code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and out.split() == ["30", "True"], err[-2000:]
+    with pytest.warns(UserWarning, match="removed vectors"), Index.open(tmp_path / "cases", read_only=True) as ro:
+        assert [ro.search(v, k=1)[0].key for v in vectors] == list(range(1, 31))
+
+
+def test_a_stored_vector_with_a_flipped_exponent_is_left_out_and_reported(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 20, log_limit=0)
+    db = sqlite3.connect(tmp_path / "cases" / "cases.sqlite")
+    blob = bytearray(db.execute("SELECT vector FROM cases WHERE key = 7").fetchone()[0])
+    blob[4 * 5 + 3] ^= 0x40  # the exponent byte of component 5: a huge or tiny value, same length
+    db.execute("UPDATE cases SET vector = ? WHERE key = 7", (bytes(blob),))
+    db.commit()
+    db.close()
+    with Index.open(tmp_path / "cases", read_only=True) as ro:
+        report = ro.check()
+        assert report["damaged_rows"] == [7] and not report["ok"]
+    for f in (tmp_path / "cases").glob("vectors-*.usearch"):
+        f.unlink()  # a rebuild must not copy the damaged row on
+    with pytest.warns(UserWarning, match=r"case\(s\) 7 have a damaged stored vector"):
+        ix = Index.open(tmp_path / "cases", model=model)
+    with ix:
+        hits = ix.search(vectors[3], k=20)
+        assert 7 not in [h.key for h in hits] and all(-1.0 <= h.score <= 1.0 + 1e-6 for h in hits)
