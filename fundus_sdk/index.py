@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
@@ -99,6 +99,27 @@ CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
 
 FILE_MODE = 0o600  # index files hold patients' photo paths: readable by their owner only
 DIR_MODE = 0o700
+
+
+def alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def staging_dir(path: Path, doing: str) -> Path:
+    """`.NAME.DOING-PID` beside `path`, where it is made before being renamed into place; what
+    killed processes left there under that pattern is removed first."""
+    for old in path.parent.glob(f".{path.name}.{doing}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return path.with_name(f".{path.name}.{doing}-{os.getpid()}")
 
 
 def unit_rows(vecs: np.ndarray) -> np.ndarray:
@@ -426,8 +447,22 @@ class Index:
         m = model if isinstance(model, Model) else load_model(model, providers, threads)
         # Made aside and renamed into place: a kill during creation leaves no half-made index.
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_dir(path, "creating")
+        try:
+            cls._create_in(staging, m, dtype, root)
+            if path.is_dir():
+                path.rmdir()  # empty, checked above
+            staging.rename(path)
+        except BaseException:  # a full disk, an interrupt: nothing half-made is left behind
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        fsync_dir(path.parent)
+        log.info("created index %s for %s", path, m.name)
+        return cls.open(path, model=m)
+
+    @classmethod
+    def _create_in(cls, staging: Path, m: Model, dtype: str, root: str | Path | None) -> None:
+        """The files of a new, empty index for model `m`, in the directory `staging` (made here)."""
         staging.mkdir(mode=DIR_MODE)
         conn = sqlite3.connect(staging / DB_NAME, isolation_level=None, check_same_thread=False)
         os.chmod(staging / DB_NAME, FILE_MODE)
@@ -447,16 +482,12 @@ class Index:
             "created": now(),
             PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
-        with conn:
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO info VALUES (?, ?)", info.items())
-        conn.close()
-        if path.is_dir():
-            path.rmdir()  # empty, checked above
-        staging.rename(path)
-        fsync_dir(path.parent)
-        log.info("created index %s for %s", path, m.name)
-        return cls.open(path, model=m)
+        try:
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT INTO info VALUES (?, ?)", info.items())
+        finally:
+            conn.close()
 
     @classmethod
     def open_or_create(
@@ -1058,11 +1089,14 @@ class Index:
         for batch in self.model.iter_embed(todo, batch_size=batch_size, check=check):
             for err in batch.errors:
                 failed(err)  # raises under on_error="raise", before this step is committed
-            for i, vec, verdict, found, who in zip(
-                batch.positions, batch.vectors, batch.verdicts, batch.metadata, batch.identifiers
+            for i, vec, sha, verdict, found, who in zip(
+                batch.positions, batch.vectors, batch.sha256, batch.verdicts, batch.metadata, batch.identifiers
             ):
                 pos = todo_pos[i]
                 item = inputs[pos]
+                if sha != todo_sha[i]:  # the bytes decoded are not those identified: never store one under the other
+                    failed(ImageError(describe(item), "the file changed while it was being added; add it again"))
+                    continue
                 if verdict is not None and not verdict.fundus:
                     failed(NotFundusError(item, verdict))
                     continue
@@ -1371,8 +1405,28 @@ def rebuild(
     added and history; the others are listed in the report. `old` is only read.
     """
     m = model if isinstance(model, Model) else load_model(model)
+    new = Path(new)
+    if new.exists() and (not new.is_dir() or any(new.iterdir())):
+        raise CaseIndexError(f"{new}: already exists and is not an empty directory")
     with Index.open(old, read_only=True) as src:
         cases, history, info = list(src), src.history(), src._info
+    # Built aside and renamed into place when complete: a kill leaves no half-built index at `new`.
+    staging = staging_dir(new, "rebuilding")
+    try:
+        built = _rebuild_into(staging, m, cases, history, info, batch_size, progress)
+        if new.is_dir():
+            new.rmdir()  # empty, checked above
+        staging.rename(new)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(new.parent)
+    return replace(built, path=new)
+
+
+def _rebuild_into(staging: Path, m: Model, cases: list[Case], history: list[Change], info: dict[str, str],
+                  batch_size: int, progress: Callable[[int], None] | None) -> RebuildReport:  # fmt: skip
+    """`rebuild`'s work, into a new index at `staging`."""
     missing, changed, unreadable, todo = [], [], [], []
     for case in cases:
         if case.path is None or not Path(case.path).is_file():
@@ -1384,14 +1438,17 @@ def rebuild(
             unreadable.append((case, err.reason))
             continue
         (todo if sha == case.sha256 else changed).append(case)
-    with Index.create(new, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
+    with Index.create(staging, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
         rows, keep = [], []
         sources = [photo_of(c) for c in todo]
         for batch in m.iter_embed(sources, batch_size=batch_size, check=False):
             for err in batch.errors:
                 unreadable.append((next(c for c, s in zip(todo, sources) if str(s) == err.source), err.reason))
-            for i, vec in zip(batch.positions, batch.vectors):
+            for i, vec, sha in zip(batch.positions, batch.vectors, batch.sha256):
                 c = todo[i]
+                if sha != c.sha256:  # changed since it was identified above
+                    changed.append(c)
+                    continue
                 rows.append((i, dst._stored_path(c.path), c.sha256, c.grade, json.dumps(c.metadata, default=str), vec))
                 keep.append((c.key, c.added))
             if progress is not None:

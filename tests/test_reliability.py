@@ -417,3 +417,55 @@ def test_a_stored_vector_with_a_flipped_exponent_is_left_out_and_reported(tmp_pa
     with ix:
         hits = ix.search(vectors[3], k=20)
         assert 7 not in [h.key for h in hits] and all(-1.0 <= h.score <= 1.0 + 1e-6 for h in hits)
+
+
+@pytest.fixture(scope="module")
+def four_photos() -> list[Path]:
+    from tests.shared import eyepacs_sample
+
+    return [p for p, _ in eyepacs_sample(4)]
+
+
+def test_a_photo_replaced_between_hashing_and_decoding_is_never_stored_under_the_old_identity(
+    tmp_path, model, four_photos, monkeypatch
+):
+    import fundus_sdk.index as index_module
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(four_photos[0].read_bytes())
+    real_identify = index_module.identify
+
+    def identify_then_replace(item):  # another process copies a photo over the file right after hashing
+        found = real_identify(item)
+        photo.write_bytes(four_photos[1].read_bytes())
+        return found
+
+    monkeypatch.setattr(index_module, "identify", identify_then_replace)
+    errors = []
+    with Index.create(tmp_path / "cases", model=model) as ix:
+        assert ix.add([photo], on_error=errors.append) == [None]
+        assert "changed while it was being added" in str(errors[0]) and str(photo) in str(errors[0])
+        assert len(ix) == 0
+        monkeypatch.setattr(index_module, "identify", real_identify)
+        (key,) = ix.add([photo])  # the photo now at the path, under its own identity
+        assert ix.get(key).sha256 == index_module.file_sha256(four_photos[1])
+
+
+def test_a_rebuild_killed_midway_leaves_nothing_at_the_new_path_and_a_rerun_completes(tmp_path, model, four_photos):
+    with Index.create(tmp_path / "old", model=model) as ix:
+        ix.add(four_photos, [{"grade": g} for g in range(4)])
+        ix.update(1, {"grade": 3})
+    killer = python(f"""
+        import os
+        from fundus_sdk import rebuild
+        rebuild({str(tmp_path / "old")!r}, {str(tmp_path / "new")!r}, batch_size=2, progress=lambda n: os._exit(9))
+    """)
+    assert killer.wait() == 9
+    assert not (tmp_path / "new").exists()
+    from fundus_sdk import rebuild
+
+    report = rebuild(tmp_path / "old", tmp_path / "new", model=model)
+    assert report.path == tmp_path / "new" and report.rebuilt == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # the killed run's leftovers cleared
+    with Index.open(tmp_path / "new", read_only=True) as new:
+        assert len(new) == 4 and [(c.field, c.old, c.new) for c in new.history(1)] == [("grade", 0, 3)]
