@@ -348,7 +348,7 @@ class Index:
         self._info = dict(conn.execute("SELECT name, value FROM info").fetchall())
         if self._info.get("format") != FORMAT:
             raise CaseIndexError(f"{path}: index format {self._info.get('format')!r}, this version reads {FORMAT!r}")
-        if model is not None and model.fingerprint != self.model_fingerprint:
+        if model is not None and not self._built_with(model):
             raise ModelMismatchError(self._mismatch(model))
         self._vectors = self._load_vectors()
         self._loaded = self.generation
@@ -470,6 +470,7 @@ class Index:
         info = {
             "format": FORMAT,
             "model_fingerprint": m.fingerprint,
+            "model_weights": m.weights_fingerprint,  # what embedding files from before 0.4 record
             "model_name": m.name,
             "dim": str(m.dim),
             "dtype": dtype,
@@ -582,13 +583,20 @@ class Index:
         """The model that embeds images for this index (the bundled default unless given)."""
         if self._model is None:
             default = load_model(None, *self._runtime)
-            if default.fingerprint != self.model_fingerprint:
+            if not self._built_with(default):
                 raise ModelMismatchError(
                     self._mismatch(default) + "; open the index with model=<its model file>, or re-embed it for this "
                     "model with `fundus-sdk index rebuild OLD NEW` (fundus_sdk.rebuild)"
                 )
             self._model = default
         return self._model
+
+    def _built_with(self, model: Model) -> bool:
+        """Whether this index holds `model`'s vectors. An index from before 0.4 recorded the weights'
+        fingerprint alone (and no `model_weights`): it opens with the model whose weights match."""
+        if "model_weights" not in self._info:
+            return model.weights_fingerprint == self.model_fingerprint
+        return model.fingerprint == self.model_fingerprint
 
     def _mismatch(self, model: Model) -> str:
         return (
@@ -1021,7 +1029,8 @@ class Index:
         if on_conflict not in ON_CONFLICT and not callable(on_conflict):
             raise ValueError(f"on_conflict must be one of {ON_CONFLICT} or a callable, got {on_conflict!r}")
         vecs = self._vectors_given(items)
-        if vecs is not None and model_fingerprint is not None and model_fingerprint != self.model_fingerprint:
+        known = (self.model_fingerprint, self._info.get("model_weights"))
+        if vecs is not None and model_fingerprint is not None and model_fingerprint not in known:
             raise ModelMismatchError(
                 f"these vectors come from model {model_fingerprint[:12]}; {self.path} holds vectors of "
                 f"{self._info.get('model_name')} ({self.model_fingerprint[:12]})"

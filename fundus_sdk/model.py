@@ -25,8 +25,7 @@ from .gate import CALIBRATION_KEY, Gate, Signals, Verdict
 from .inputs import Decoded, ImageInput
 from .labels import ICDR, Scale
 from .preprocess import Prepared, Preprocess
-from .weights import WeightsError
-from .weights import fingerprint as weights_fingerprint
+from .weights import WeightsError, fingerprints
 
 log = logging.getLogger(__name__)
 OUTPUTS = ([contract.OUTPUT_NAME], [contract.OUTPUT_NAME, contract.ATTENTION_NAME])  # what a model may output
@@ -104,6 +103,7 @@ class Model:
     session: ort.InferenceSession = field(repr=False)
     metadata: dict[str, str] = field(repr=False)
     preprocess: Preprocess = field(repr=False)
+    identity: str = field(repr=False)  # the whole fingerprint, computed from the file at load
 
     @classmethod
     def load(cls, path: str | Path, providers: Providers = None, threads: int | None = None) -> "Model":
@@ -151,10 +151,10 @@ class Model:
             preprocess = Preprocess.from_metadata(meta)
         except (KeyError, ValueError) as exc:
             raise ModelError(f"{path}: cannot rebuild preprocessing from metadata ({exc})") from exc
-        check_graph(path, session, meta, preprocess)
+        identity = check_graph(path, session, meta, preprocess)
         log.info("loaded model %s %s (%s) from %s on %s", meta[contract.NAME], meta[contract.VERSION],
-                 meta[contract.FINGERPRINT][:12], path, ", ".join(session.get_providers()))  # fmt: skip
-        model = cls(path, session, meta, preprocess)
+                 identity[:12], path, ", ".join(session.get_providers()))  # fmt: skip
+        model = cls(path, session, meta, preprocess, identity)
         try:
             model.scale
         except ValueError as exc:
@@ -171,8 +171,14 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights (checked against the file at load): indexes record it and refuse
-        vectors from other models."""
+        """sha256 of what decides the model's results: weights, graph, preprocessing and input-gate
+        calibration (fundus_sdk.weights). Indexes record it and refuse other models' vectors."""
+        return self.identity
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """sha256 of the weights and preprocessing alone (the metadata's, checked at load): what
+        indexes and embedding files made before 0.4 recorded."""
         return self.metadata[contract.FINGERPRINT]
 
     @property
@@ -345,11 +351,12 @@ class Batch:
     identifiers: list[dict[str, str]]  # who each input's patient is (DICOM; else empty): never stored unasked
 
 
-def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str], preprocess: Preprocess) -> None:
-    """ModelError unless the metadata tells the truth about the graph: its weights' fingerprint
-    (computed from the file, fundus_sdk.weights), its descriptor dimension and its input size."""
+def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str], preprocess: Preprocess) -> str:
+    """The model's whole fingerprint (fundus_sdk.weights), after a ModelError unless the metadata
+    tells the truth about the graph: its weights' fingerprint (computed from the file), its
+    descriptor dimension and its input size."""
     try:
-        actual = weights_fingerprint(path, meta)
+        actual, whole = fingerprints(path, meta)
     except (WeightsError, OSError) as exc:
         raise ModelError(f"{path}: cannot read the model's weights to fingerprint them ({exc})") from exc
     if actual != meta[contract.FINGERPRINT]:
@@ -365,6 +372,7 @@ def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str],
         raise ModelError(
             f"{path}: the metadata says input {size} px (preprocessing {preprocess.size} px), the graph takes {shape_in[1:]}"
         )
+    return whole
 
 
 def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

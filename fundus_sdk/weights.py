@@ -1,4 +1,4 @@
-"""The fingerprint of a model file's weights, computed from the file itself (no onnx package).
+"""The fingerprints of a model file, computed from the file itself (no onnx package).
 
 An index trusts a model by its fingerprint, so the runtime must not take the metadata's word for
 it: a model whose weights were changed but whose metadata was copied would otherwise pass. This
@@ -7,6 +7,12 @@ hashes them exactly as the exporter does (export/metadata.py `fingerprint`): eac
 sorted by name, contributes JSON [name, ONNX data type, dims], a newline, its byte length (8
 bytes, little-endian) and its values as little-endian bytes; then the `preprocess.*` metadata
 entries contribute their JSON.
+
+The weights alone do not fix what a model computes: the same weights under other operators (every
+Clip made a Relu) or another input-gate calibration give other vectors or verdicts. `fingerprints`
+also returns the model's whole identity: the weights' fingerprint, then the graph's nodes, inputs
+and outputs and the opset imports as stored, then every metadata entry that changes results
+(RESULT_KEYS). Indexes record that one.
 """
 
 from __future__ import annotations
@@ -100,16 +106,32 @@ def _tensor(buf: memoryview) -> tuple[str, int, list[int], bytes]:
     return name, dtype, dims, signed.astype(DTYPES[dtype]).tobytes()
 
 
-def fingerprint(path: str | Path, metadata: Mapping[str, str]) -> str:
-    """sha256 hex of the model file's initializers and preprocessing metadata (as the exporter's)."""
+# Metadata entries (by prefix) that change what a model file computes or decides.
+RESULT_KEYS = ("preprocess.", "input.", "normalise.", "labels.", "gate.")
+GRAPH_FIELDS = (1, 11, 12)  # GraphProto: node, input, output
+OPSET_FIELD = 8  # ModelProto: opset_import
+
+
+def fingerprints(path: str | Path, metadata: Mapping[str, str]) -> tuple[str, str]:
+    """(weights, whole) sha256 hex digests of a model file: its initializers and preprocessing
+    metadata (as the exporter's `model.fingerprint`), and that with the graph and every metadata
+    entry of RESULT_KEYS (the model's identity)."""
     data = memoryview(Path(path).read_bytes())
-    graph = next((v for n, w, v in _fields(data) if n == 7 and w == 2), None)
+    top = list(_fields(data))
+    graph = next((v for n, w, v in top if n == 7 and w == 2), None)
     if graph is None:
         raise WeightsError("no graph in the file")
-    tensors = sorted((_tensor(v) for n, w, v in _fields(graph) if n == 5 and w == 2), key=lambda t: t[0])
+    fields = list(_fields(graph))
+    tensors = sorted((_tensor(v) for n, w, v in fields if n == 5 and w == 2), key=lambda t: t[0])
     h = hashlib.sha256()
     for name, dtype, dims, values in tensors:
         h.update(json.dumps([name, dtype, dims]).encode() + b"\n")
         h.update(len(values).to_bytes(8, "little") + values)
     h.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k.startswith("preprocess."))).encode())
-    return h.hexdigest()
+    weights = h.hexdigest()
+    whole = hashlib.sha256(weights.encode())
+    for number, wire, value in [*((n, w, v) for n, w, v in fields if n in GRAPH_FIELDS), *((n, w, v) for n, w, v in top if n == OPSET_FIELD)]:
+        raw = bytes(value) if wire == 2 else str(value).encode()
+        whole.update(number.to_bytes(1, "little") + len(raw).to_bytes(8, "little") + raw)
+    whole.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k.startswith(RESULT_KEYS))).encode())
+    return weights, whole.hexdigest()

@@ -469,3 +469,59 @@ def test_a_rebuild_killed_midway_leaves_nothing_at_the_new_path_and_a_rerun_comp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]  # the killed run's leftovers cleared
     with Index.open(tmp_path / "new", read_only=True) as new:
         assert len(new) == 4 and [(c.field, c.old, c.new) for c in new.history(1)] == [("grade", 0, 3)]
+
+
+def tampered(model, tmp_path: Path, change) -> Path:
+    """The model's file with `change(proto)` applied and its metadata (the weights' fingerprint too) kept."""
+    import onnx
+
+    proto = onnx.load(str(model.path))
+    change(proto)
+    out = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def relu_for_clip(proto) -> None:
+    for node in proto.graph.node:
+        if node.op_type == "Clip":
+            node.op_type = "Relu"
+            del node.input[1:]
+
+
+def open_gate(proto) -> None:
+    import json
+
+    from fundus_sdk.gate import CALIBRATION_KEY
+
+    entry = next(p for p in proto.metadata_props if p.key == CALIBRATION_KEY)
+    calibration = json.loads(entry.value)
+    calibration["limits"] = {name: 1e9 for name in calibration["limits"]}
+    entry.value = json.dumps(calibration)
+
+
+@pytest.mark.parametrize("change", [relu_for_clip, open_gate])
+def test_a_model_changed_beyond_its_weights_is_not_the_index_model(tmp_path, model, change):
+    from fundus_sdk import ModelMismatchError
+    from fundus_sdk.model import Model
+
+    filled(tmp_path / "cases", model, 5)
+    other = Model.load(tampered(model, tmp_path, change))
+    assert other.weights_fingerprint == model.weights_fingerprint and other.fingerprint != model.fingerprint
+    with pytest.raises(ModelMismatchError, match="was built with model"):
+        Index.open(tmp_path / "cases", model=other)
+    with Index.open(tmp_path / "cases", model=model) as ix:
+        with pytest.raises(ModelMismatchError):
+            ix.add(unit(1, model.dim, seed=3), model_fingerprint=other.fingerprint)
+
+
+def test_an_index_from_before_the_whole_fingerprint_opens_with_its_model(tmp_path, model):
+    filled(tmp_path / "cases", model, 5)
+    db = sqlite3.connect(tmp_path / "cases" / "cases.sqlite")  # as 0.3 wrote it: the weights' fingerprint alone
+    db.execute("UPDATE info SET value = ? WHERE name = 'model_fingerprint'", (model.weights_fingerprint,))
+    db.execute("DELETE FROM info WHERE name = 'model_weights'")
+    db.commit()
+    db.close()
+    with Index.open(tmp_path / "cases", model=model) as ix:
+        ix.add(unit(1, model.dim, seed=4), model_fingerprint=model.weights_fingerprint)  # an embedding file from 0.3
+        assert len(ix) == 6
