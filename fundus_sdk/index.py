@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -257,10 +258,24 @@ def check_metadata(meta: dict[str, Any] | None, scale: Scale = ICDR) -> tuple[in
             raise ValueError(f"metadata field names must be non-empty text without quotes, got {name!r}")
         if name in RESERVED:
             raise ValueError(f"metadata field {name!r} is reserved: the index derives {', '.join(RESERVED)} itself")
+    for name, value in extra.items():
+        if not finite(value):
+            raise ValueError(f"metadata field {name!r} holds a number that is not finite ({value!r}): JSON cannot store it")
     grade = extra.pop("grade", None)
     if grade is not None and grade not in scale:
         raise ValueError(f"grade must be an integer of the scale {scale.spec}, got {grade!r}")
     return (None if grade is None else int(grade)), extra
+
+
+def finite(value: Any) -> bool:
+    """Whether a metadata value holds no NaN or infinity, however deeply nested."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(finite(v) for v in value)
+    return True
 
 
 def _apply(vectors: _USearch | _Overlay, keys: np.ndarray, vecs: np.ndarray, removed: np.ndarray) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import numbers
 import re
 from collections.abc import Sequence
@@ -71,8 +72,9 @@ class Scale:
         text = cell.strip()
         if text in self.names:
             return self.low + self.names.index(text)
+        whole = re.fullmatch(r"([-+]?\d+)\.0*", text)  # "2.0", as spreadsheets write 2
         try:
-            value = int(text)
+            value = int(whole[1] if whole else text)
         except ValueError:
             raise ValueError(f"grade {text!r} is not a whole number{' or a name' if self.names else ''} of the scale "
                              f"{self.spec}") from None  # fmt: skip
@@ -85,6 +87,9 @@ ICDR = Scale(0, 4)  # the default: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 prol
 GRADES = ICDR.values
 
 
+MAX_PROBLEMS = 50  # bad rows named in one LabelError (the count says how many more)
+
+
 class LabelError(FundusError):
     """A label file that cannot be used; the message names the file and the row."""
 
@@ -94,12 +99,16 @@ def parse_value(text: str) -> Any:
 
     "12" -> 12, "-3" -> -3, "0.5" -> 0.5, "left" -> "left". Numbers written with leading zeros
     ("007", an identifier, not a quantity) and anything else stay text, as does "" -> "".
+    ValueError for a number beyond float range ("1e999"): it would be stored as infinity.
     """
     s = text.strip()
     if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)", s):
         return int(s)
     if re.fullmatch(r"[-+]?(0|[1-9][0-9]*)?\.[0-9]+([eE][-+]?[0-9]+)?|[-+]?(0|[1-9][0-9]*)[eE][-+]?[0-9]+", s):
-        return float(s)
+        value = float(s)
+        if not math.isfinite(value):
+            raise ValueError(f"{s!r} is a number too large to store")
+        return value
     return s
 
 
@@ -180,11 +189,11 @@ def read_labels(
     require_files: bool = True,
     scale: Scale = ICDR,
 ) -> list[Label]:
-    """Rows of a label CSV, validated; fails at once naming the row.
+    """Rows of a label CSV, validated; one LabelError names every bad row.
 
     Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not on
-    `scale` (a whole number in its range, or one of its names); with require_files, an image
-    that does not exist under `image_root`.
+    `scale` (a whole number in its range, "2.0" for 2, or one of its names); a number too large
+    to store; with require_files, an image that does not exist under `image_root`.
     An empty grade cell is allowed (None) unless require_grade.
     """
     csv_path = Path(csv_path)
@@ -199,21 +208,30 @@ def read_labels(
         missing = needed - set(reader.fieldnames or [])
         if missing:
             raise LabelError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; found {reader.fieldnames}")
-        labels = []
+        labels, problems = [], []
         for line, row in enumerate(reader, start=2):
-            where = f"{csv_path}, row {line} ({row['image']!r})"
+            where = f"row {line} ({row['image']!r})"
             raw = (row.get("grade") or "").strip()
             grade = None
             if raw or require_grade:
                 try:
                     grade = scale.read(raw)
                 except ValueError as exc:
-                    raise LabelError(f"{where}: {exc}") from None
+                    problems.append(f"{where}: {exc}")
             path = root / row["image"]
             if require_files and not path.is_file():
-                raise LabelError(f"{where}: image not found at {path}")
+                problems.append(f"{where}: image not found at {path}")
             extra = {k: v for k, v in row.items() if k not in ("image", "grade") and k is not None}
+            for column, cell in extra.items():
+                try:
+                    parse_value(cell or "")
+                except ValueError as exc:
+                    problems.append(f"{where}, column {column!r}: {exc}")
             labels.append(Label(row["image"], path, grade, extra, line, str(csv_path)))
+    if problems:  # every bad row at once, not one a run
+        shown = "\n  ".join(problems[:MAX_PROBLEMS])
+        more = f"\n  ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+        raise LabelError(f"{csv_path}: {len(problems)} problem(s):\n  {shown}{more}")
     if not labels:
         raise LabelError(f"{csv_path}: no rows")
     return labels

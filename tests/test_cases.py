@@ -371,3 +371,23 @@ def test_rebuild_keeps_keys_metadata_and_history_and_lists_what_it_could_not_red
         assert [(c.field, c.old, c.new) for c in new.history(keys[1])] == [("grade", 1, 2)]
         hit = new.search(copies[2], k=1)[0]
         assert hit.key == keys[2] and hit.score > 0.99
+
+
+def test_every_bad_label_row_is_named_at_once_and_a_whole_float_grade_is_read(tmp_path, photos):
+    rows = [[photos[0].name, "O", ""], [photos[1].name, "7", ""], [photos[2].name, "2.0", ""], [photos[3].name, "1", "1e999"]]
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "grade", "dose"], rows)
+    with pytest.raises(LabelError) as caught:
+        read_labels(csv_path, photos[0].parent)
+    message = str(caught.value)
+    assert "3 problem(s)" in message and "row 2" in message and "row 3" in message and "row 4" not in message
+    assert "row 5" in message and "'dose'" in message and "too large" in message
+    fixed = write_csv(tmp_path / "fixed.csv", ["image", "grade"], [[photos[2].name, "2.0"]])
+    assert read_labels(fixed, photos[0].parent)[0].grade == 2
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {"dose": [1.0, float("-inf")]}])
+def test_a_non_finite_metadata_value_is_refused_by_name(tmp_path, value):
+    from fundus_sdk.index import check_metadata
+
+    with pytest.raises(ValueError, match="'dose'.*not finite"):
+        check_metadata({"grade": 1, "dose": value})
