@@ -107,8 +107,29 @@ def frames(path: str | Path) -> list[Frame]:
     path = Path(path)
     if not looks_like_dicom(path):
         raise ImageError(path, "not a readable DICOM file")
-    count = frame_count(_read(path, str(path), pixels=False))
+    count = checked_frame_count(_read(path, str(path), pixels=False), path.stat().st_size, str(path))
     return [Frame(path, i, count) for i in range(count)]
+
+
+def checked_frame_count(ds: Any, size: int, name: str) -> int:
+    """The dataset's frame count, after an ImageError if a file of `size` bytes cannot hold them
+    (a 200 KB file declaring a billion frames)."""
+    count = frame_count(ds)
+    if count > 1 and count * min_frame_bytes(ds) > size:
+        raise ImageError(name, f"declares {count} frames, more than its {size} bytes can hold")
+    return count
+
+
+def min_frame_bytes(ds: Any) -> int:
+    """The fewest bytes a frame of `ds` can take in its file: its pixels when uncompressed, else an
+    encapsulated item's header (8 bytes)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_compressed", True):
+        return 8
+    try:
+        return max(1, int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8)
+    except (AttributeError, TypeError, ValueError):
+        return 1
 
 
 def expand_frames(files: list[Path]) -> list[Path | Frame]:
@@ -178,7 +199,7 @@ def decode_dicom(data: bytes, name: str, frame: Frame | None = None) -> tuple[np
     A multi-frame file must be given frame by frame (`frames()`): an ImageError says so.
     """
     ds = _read(data, name)
-    count = frame_count(ds)
+    count = checked_frame_count(ds, len(data), name)
     if frame is None and count > 1:
         raise ImageError(name, f"a multi-frame DICOM file ({count} frames): use fundus_sdk.dicom.frames(path), one input per frame")
     meta, identifiers = header(ds, frame)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,23 +68,30 @@ def find_images(
     hears of every other file left out of a folder, and of sub-folders not searched, with why.
     """
     found: list[Path] = []
+
+    def cannot_open(p: Path, reason: str) -> None:
+        if on_missing is None:
+            raise FileNotFoundError(f"{p}: {reason}")
+        on_missing(ImageError(p, reason))
+
     for p in map(Path, paths):
         if p.is_dir():
             pattern = "**/*" if recursive else "*"
             for f in sorted(p.glob(pattern)):  # each entry judged once (a suffix-less file is read to judge it)
                 if f.is_file() and _wanted(f):
                     found.append(f)
-                elif on_skipped is not None and f.is_file():
-                    on_skipped(f, "not an image file (by its name and content)")
-                elif on_skipped is not None and f.is_dir() and not recursive:
-                    on_skipped(f, "a sub-folder, not searched (add -r to search sub-folders)")
-        elif p.exists():
+                elif f.is_file():
+                    if on_skipped is not None:
+                        on_skipped(f, "not an image file (by its name and content)")
+                elif f.is_dir():
+                    if on_skipped is not None and not recursive:
+                        on_skipped(f, "a sub-folder, not searched (add -r to search sub-folders)")
+                else:  # a dangling link, a link loop, a device, a FIFO: named, never opened
+                    cannot_open(f, unopenable_reason(f))
+        elif p.is_file():
             found.append(p)
         else:
-            reason = missing_reason(p)
-            if on_missing is None:
-                raise FileNotFoundError(f"{p}: {reason}")
-            on_missing(ImageError(p, reason))
+            cannot_open(p, unopenable_reason(p))
     seen: set[Path] = set()
     return [f for f in found if not (f in seen or seen.add(f))]
 
@@ -91,6 +99,18 @@ def find_images(
 def _wanted(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and looks_like_dicom(path))
+
+
+def unopenable_reason(path: Path) -> str:
+    """Why `path` is not opened as a photo, in words: not a regular file (a device, a FIFO, a
+    socket), no such file, a dangling link or a link loop."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return missing_reason(path)
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")  # fmt: skip
+    return f"not a regular file ({kind})" + (f", linked to {os.readlink(path)}" if path.is_symlink() else "")
 
 
 def missing_reason(path: Path) -> str:
@@ -150,10 +170,7 @@ def read_bytes(source: ImageInput) -> tuple[bytes, str] | None:
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
     elif isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
+        data = read_regular_file(Path(source), name)
     elif hasattr(source, "read"):
         try:
             data = source.read()
@@ -167,6 +184,22 @@ def read_bytes(source: ImageInput) -> tuple[bytes, str] | None:
     if not data:
         raise ImageError(name, "empty input (0 bytes)")
     return bytes(data), name
+
+
+def read_regular_file(path: Path, name: str) -> bytes:
+    """The bytes of the regular file at `path`. Anything else (a device such as /dev/zero, a
+    FIFO) is an ImageError: it is opened without blocking and never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(name, unopenable_reason(path))
+        try:
+            return f.read()
+        except OSError as exc:
+            raise ImageError(name, f"cannot read file ({exc.strerror or exc})") from exc
 
 
 def decode(source: ImageInput, *, draft_size: int | None = None) -> Decoded:

@@ -8,7 +8,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from importlib import resources
 from itertools import islice
@@ -264,9 +264,12 @@ class Model:
         loaded: list[tuple[Prepared, Decoded] | ImageError] = []
         for item in items:
             try:
-                loaded.append(self.preprocess.load(item))
+                prepared, decoded = self.preprocess.load(item)
             except ImageError as exc:
                 loaded.append(exc)
+                continue
+            # the decoded photo (up to ~90 MP) is dropped at once: a batch holds only model-sized pixels
+            loaded.append((prepared, replace(decoded, image=None)))
         ok = [(start + i, r) for i, r in enumerate(loaded) if not isinstance(r, ImageError)]
         pixels = np.stack([r[0].pixels for _, r in ok]) if ok else np.zeros((0, self.preprocess.size, self.preprocess.size, 3), np.uint8)
         vectors = self._outputs([contract.OUTPUT_NAME], pixels, chunk)[0]

@@ -626,3 +626,34 @@ def test_every_embedding_command_takes_threads_and_provider(tmp_path):
     assert proc.returncode == EXIT_OK, proc.stderr
     bad = run("embed", str(RETINA), "-o", str(tmp_path / "e.jsonl"), "--provider", "TPUExecutionProvider", "-q")
     assert bad.returncode == EXIT_FATAL and "TPUExecutionProvider is not available" in bad.stderr
+
+
+def test_devices_fifos_and_dangling_links_are_named_and_the_rest_is_embedded(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copyfile(RETINA, folder / "a.jpg")
+    os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
+    (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    proc = run("embed", folder, tmp_path / "zero.jpg", "-o", tmp_path / "out.npz", timeout=120)
+    no_traceback(proc)
+    assert proc.returncode == 1, proc.stderr  # partial: the photo embedded, the rest named
+    assert f"{folder / 'pipe.jpg'}: not a regular file (a FIFO (named pipe))" in proc.stderr
+    assert f"{folder / 'gone.jpg'}: dangling symbolic link" in proc.stderr
+    assert f"{tmp_path / 'zero.jpg'}: not a regular file (a character device), linked to /dev/zero" in proc.stderr
+    assert list(np.load(tmp_path / "out.npz")["paths"]) == [str(folder / "a.jpg")]
+
+
+def test_a_tiny_dicom_declaring_a_billion_frames_is_refused_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    import pydicom
+
+    from tests.dicom_files import make_dicom, photo
+
+    path = make_dicom(tmp_path / "many.dcm", photo(RETINA, 64))
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 10**9
+    ds.save_as(path)
+    proc = run("embed", path, "-o", tmp_path / "out.npz", timeout=120)
+    no_traceback(proc)
+    assert proc.returncode != 0 and f"{path}: declares 1000000000 frames, more than its" in proc.stderr
