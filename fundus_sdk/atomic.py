@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
+
+FILE_MODE = 0o600  # index files and outputs name patients' photos: readable by their owner only
 
 
 def fsync_dir(path: Path) -> None:
@@ -47,3 +51,30 @@ def write_atomically(path: str | Path, *, durable: bool = True, mode: int | None
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+@contextmanager
+def write_output(path: str | Path, *, text: bool = True, mode: int = FILE_MODE) -> Iterator[IO]:
+    """An output file open for writing, as users expect of `-o PATH`.
+
+    "-" is standard output. A symbolic link is followed and the link kept: its target is what
+    gets written. A device or FIFO is written through, never replaced. A regular file (new or
+    existing) is written aside and renamed into place with permissions `mode` (owner only).
+    """
+    open_args = {"mode": "w", "newline": "", "encoding": "utf-8"} if text else {"mode": "wb"}
+    if str(path) == "-":
+        stream = sys.stdout if text else sys.stdout.buffer
+        yield stream
+        stream.flush()
+        return
+    target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
+    if target.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a file to write")
+    if target.exists() and not target.is_file():
+        with open(target, **open_args) as f:
+            yield f
+        return
+    with write_atomically(target, durable=False, mode=mode) as tmp, open(tmp, **open_args) as f:
+        yield f

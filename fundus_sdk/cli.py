@@ -557,7 +557,8 @@ def index_history(directory, case, as_json) -> None:
 
 @index.command("export")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The file to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="The file to write (readable by its owner only), or - for stdout.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None, help="Default: from the suffix, else csv.")
 @handle_errors
 def index_export(directory, output, fmt) -> None:
@@ -569,7 +570,7 @@ def index_export(directory, output, fmt) -> None:
     """
     with Index.open(directory, read_only=True) as ix:
         n = ix.export(output, fmt)
-    click.echo(f"exported {n} cases -> {output}")
+    click.echo(f"exported {n} cases -> {'stdout' if output == '-' else output}", err=output == "-")  # stdout carries the cases
 
 
 @index.command("rebuild")

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .atomic import write_atomically
+from .atomic import write_output
 from .contract import UNIT_NORM_TOLERANCE
 from .errors import FundusError
 
@@ -86,10 +86,9 @@ def _write(f: BinaryIO, embeddings: Embeddings, fmt: str) -> None:
 
 
 def write_embeddings(path: str | Path | BinaryIO, embeddings: Embeddings, fmt: str | None = None) -> Path | None:
-    """Write `embeddings` to a file (atomically: a reader never sees half a file) or a binary stream.
-
-    A path that exists and is not a regular file (a device, a folder, a pipe) is refused, never
-    replaced. A stream needs `fmt`.
+    """Write `embeddings` to a file or a binary stream (fundus_sdk.atomic.write_output: atomically,
+    readable by its owner only; a link's target, a device or a pipe written through, never
+    replaced). A stream needs `fmt`.
     """
     if not isinstance(path, (str, Path)):
         if fmt not in ("npz", "jsonl"):
@@ -98,9 +97,7 @@ def write_embeddings(path: str | Path | BinaryIO, embeddings: Embeddings, fmt: s
         return None
     path = Path(path)
     fmt = file_format(path, fmt)
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path}: exists and is not a regular file (a device, folder or pipe); refusing to replace it")
-    with write_atomically(path, durable=False) as tmp, open(tmp, "wb") as f:
+    with write_output(path, text=False) as f:
         _write(f, embeddings, fmt)
     return path
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Union
 
 import numpy as np
 
-from .atomic import fsync_dir, write_atomically
+from .atomic import FILE_MODE, fsync_dir, write_atomically, write_output
 from .contract import UNIT_NORM_TOLERANCE
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
 from .dicom import Frame, looks_like_dicom
@@ -98,7 +98,6 @@ CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
 CaseRef = Union[int, str, Path]  # a key, a sha256, or the path of the photo
 
 
-FILE_MODE = 0o600  # index files hold patients' photo paths: readable by their owner only
 DIR_MODE = 0o700
 
 
@@ -265,6 +264,15 @@ def check_metadata(meta: dict[str, Any] | None, scale: Scale = ICDR) -> tuple[in
     if grade is not None and grade not in scale:
         raise ValueError(f"grade must be an integer of the scale {scale.spec}, got {grade!r}")
     return (None if grade is None else int(grade)), extra
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP: CSV injection)
+
+
+def inert(value: Any) -> Any:
+    """A CSV cell that no spreadsheet runs: text starting like a formula gets a leading quote
+    (OWASP's advice); numbers, negative ones included, are written as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def finite(value: Any) -> bool:
@@ -944,12 +952,15 @@ class Index:
         return self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
     def export(self, out: str | Path, fmt: str | None = None) -> int:
-        """Write every case (all but the vectors) as CSV or JSON Lines (by `fmt` or the suffix);
-        returns how many. CSV columns: key, path, sha256, grade, added, then the metadata fields."""
-        out = Path(out)
-        fmt = fmt or ("jsonl" if out.suffix.lower() in (".jsonl", ".json") else "csv")
+        """Write every case (all but the vectors) as CSV or JSON Lines (by `fmt` or the suffix) to
+        `out` ("-": standard output; see fundus_sdk.atomic.write_output); returns how many. CSV
+        columns: key, path, sha256, grade, added, then the metadata fields; text a spreadsheet
+        would run as a formula is written inert (`inert`)."""
+        fmt = fmt or ("jsonl" if Path(out).suffix.lower() in (".jsonl", ".json") else "csv")
+        if fmt not in ("csv", "jsonl"):
+            raise ValueError(f"export format must be csv or jsonl, got {fmt!r}")
         cases = list(self)
-        with write_atomically(out, durable=False) as tmp, open(tmp, "w", newline="") as f:
+        with write_output(out) as f:
             if fmt == "jsonl":
                 for case in cases:
                     f.write(json.dumps(case.to_dict()) + "\n")
@@ -958,9 +969,8 @@ class Index:
                 writer = csv.writer(f)
                 writer.writerow([*COLUMNS, *extra])
                 for c in cases:
-                    writer.writerow([c.key, c.path, c.sha256, c.grade, c.added, *(c.metadata.get(n, "") for n in extra)])
-            else:
-                raise ValueError(f"export format must be csv or jsonl, got {fmt!r}")
+                    row = [c.key, c.path, c.sha256, c.grade, c.added, *(c.metadata.get(n, "") for n in extra)]
+                    writer.writerow([inert(v) for v in row])
         return len(cases)
 
     def check(self, repair: bool = False) -> dict[str, Any]:

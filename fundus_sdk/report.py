@@ -23,11 +23,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import write_atomically
+from .atomic import write_output
 from .errors import ImageError
 from .explain import Explanation
 from .filters import Where
-from .index import FILE_MODE, Hit, Index, photo_of
+from .index import Hit, Index, photo_of
 from .inputs import ImageInput
 from .model import Model, as_list
 
@@ -96,11 +96,11 @@ class Report:
         )  # fmt: skip
 
     def write_html(self, path: str | Path) -> Path:
-        """Write `to_html()` to `path` atomically, readable by its owner only (it names patients' photos)."""
-        path = Path(path)
-        with write_atomically(path, mode=FILE_MODE) as staging:
-            staging.write_text(self.to_html(), encoding="utf-8")
-        return path
+        """Write `to_html()` to `path` (fundus_sdk.atomic.write_output: atomically, readable by its
+        owner only, since it names patients' photos; "-" is standard output)."""
+        with write_output(path) as f:
+            f.write(self.to_html())
+        return Path(path)
 
     def panel(self, i: int = 0) -> Image.Image:
         """Query `i` and its neighbours as one picture: photo and heatmap, then each case's
@@ -136,10 +136,9 @@ class Report:
 
     def write_png(self, path: str | Path, i: int = 0) -> Path:
         """Write `panel(i)` as a PNG, atomically, readable by its owner only."""
-        path = Path(path)
-        with write_atomically(path, mode=FILE_MODE) as staging:
-            self.panel(i).save(staging, format="PNG")
-        return path
+        with write_output(path, text=False) as f:
+            self.panel(i).save(f, format="PNG")
+        return Path(path)
 
     def _query_html(self, q: QueryReport, number: int) -> str:
         shares = q.grade_shares()

@@ -391,3 +391,25 @@ def test_a_non_finite_metadata_value_is_refused_by_name(tmp_path, value):
 
     with pytest.raises(ValueError, match="'dose'.*not finite"):
         check_metadata({"grade": 1, "dose": value})
+
+
+def test_exports_are_inert_private_and_never_replace_a_link(tmp_path, photos):
+    import stat
+
+    with Index.create(tmp_path / "cases") as ix:
+        ix.add(photos[:2], [{"grade": 0, "note": "=cmd|' /C calc'!A0", "dose": -3}, {"grade": 1, "note": "+HYPERLINK(\"x\")"}])
+    real = tmp_path / "real.csv"
+    real.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    proc = fundus("index", "export", "cases", "-o", link, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and link.resolve() == real  # the link kept, its target written
+    rows = list(csv.DictReader(open(real)))
+    assert [r["note"] for r in rows] == ["'=cmd|' /C calc'!A0", "'+HYPERLINK(\"x\")"] and rows[0]["dose"] == "-3"
+    fresh = tmp_path / "fresh.jsonl"
+    assert fundus("index", "export", "cases", "-o", fresh, cwd=tmp_path).returncode == 0
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    to_stdout = fundus("index", "export", "cases", "-o", "-", cwd=tmp_path)
+    assert to_stdout.returncode == 0 and to_stdout.stdout.splitlines()[0].startswith("key,path,sha256")
+    assert not (tmp_path / "-").exists() and "exported 2 cases -> stdout" in to_stdout.stderr

@@ -78,6 +78,10 @@ def test_the_name_decides_the_format_or_the_write_is_refused(tmp_path):
 
 def test_a_target_that_is_not_a_regular_file_is_never_replaced(tmp_path):
     (tmp_path / "d.npz").mkdir()
-    with pytest.raises(ValueError, match="not a regular file"):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
         write_embeddings(tmp_path / "d.npz", sample())
     assert (tmp_path / "d.npz").is_dir()
+    link = tmp_path / "out.npz"
+    link.symlink_to(tmp_path / "target.npz")  # a link to a file not made yet: the file is made, the link kept
+    write_embeddings(link, sample())
+    assert link.is_symlink() and len(np.load(tmp_path / "target.npz")["vectors"]) == len(sample().vectors)
