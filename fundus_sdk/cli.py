@@ -310,6 +310,7 @@ def index_create(directory, runtime, dtype) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--labels", type=click.Path(dir_okay=False), help="CSV with columns image, grade and any others (kept as metadata).")
 @click.option("--allow-unlabelled", is_flag=True, help="With --labels: add photos that have no row (without a grade) instead of skipping them.")
+@click.option("--ungraded", is_flag=True, help="With --labels: the CSV has no grade column on purpose (the cases are added ungraded).")
 @click.option("--update", is_flag=True, help="Photos already in the index: store the given metadata instead of keeping the stored values.")
 @recursive_option
 @batch_option
@@ -320,13 +321,15 @@ def index_create(directory, runtime, dtype) -> None:
 @quiet_option
 @handle_errors
 def index_add(
-    directory, paths, labels, allow_unlabelled, update, recursive, batch_size, runtime, no_check, keep_identifiers, quiet
-) -> None:
+    directory, paths, labels, allow_unlabelled, ungraded, update, recursive, batch_size, runtime, no_check, keep_identifiers,
+    quiet,
+) -> None:  # fmt: skip
     """Add photos (or an .npz/.jsonl written by `fundus-sdk embed`) to the index in DIRECTORY.
 
     With --labels, each photo's row is found by its path relative to the folder given (or as
     the CSV names it, against the CSV's folder); a bare file name that fits two photos is an
-    error. Photos without a row are named and skipped (--allow-unlabelled adds them ungraded).
+    error. Photos without a row are named and skipped (--allow-unlabelled adds them ungraded);
+    a CSV without a grade column is an error unless --ungraded.
     Photos already in the index (same content) are recognised before any decoding and not
     embedded again; metadata other than the stored one is named and not applied unless
     --update. Pictures the input gate judges not to be colour fundus photographs are named
@@ -361,11 +364,10 @@ def index_add(
             for path, reason in data.failed:  # rows of `embed --ray` without a vector
                 failed(ImageError(path, reason))
             files = [Path(p) for p in data.paths]
-            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed, ix.scale)
+            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed, ix.scale, ungraded)
             if data.metadata is not None:  # DICOM headers read by `embed --ray`
                 meta = [{**h, **(m or {})} for h, m in zip(data.metadata, meta)]
-            if data.verdicts is not None:  # checked by `embed`: keep the gradability it measured
-                meta = [gradability_of(m, v) for m, v in zip(meta, data.verdicts)]
+            if data.verdicts is not None:  # checked by `embed`: its verdicts' gradability is kept
                 if not no_check:
                     refused = {i for i, v in enumerate(data.verdicts) if v is not None and not v["fundus"]}
                     for i in sorted(refused & set(keep)):
@@ -374,7 +376,7 @@ def index_add(
             ix.add(
                 data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
                 hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
-                on_conflict=on_conflict,
+                verdicts=None if data.verdicts is None else [data.verdicts[i] for i in keep], on_conflict=on_conflict,
             )  # fmt: skip
         photos = [p for p in paths if not is_embeddings(p)]
         files, missing = gather(photos, recursive) if photos else ([], [])
@@ -382,7 +384,7 @@ def index_add(
         if files:
             folders = [Path(p) for p in photos if Path(p).is_dir()]
             plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
-            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale)
+            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale, ungraded)
             with progress(len(keep), "adding", quiet) as advance:
                 ix.add(
                     [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
@@ -400,26 +402,19 @@ def absolute(item: Path | Frame) -> str:
     return str(Frame(item.path.resolve(), item.index, item.count) if isinstance(item, Frame) else item.resolve())
 
 
-def gradability_of(meta: dict | None, verdict: dict | None) -> dict | None:
-    """A case's metadata with the gradability an embedding file's verdict measured."""
-    if not verdict:
-        return meta
-    return {**(meta or {}), "gradability": verdict["gradability"]}
-
-
 def label_metadata(
     files: list[Path], labels_csv: str | None, folders: list[Path], allow_unlabelled: bool,
-    failed: Callable[[ImageError], None], scale: Scale,
+    failed: Callable[[ImageError], None], scale: Scale, ungraded: bool = False,
 ) -> tuple[list[int], list[dict | None]]:
     """(positions of the files to add, metadata per file) from a label CSV (fundus_sdk.labels.match_labels),
     its grades read on the index's `scale`.
 
-    Columns named like what the index derives itself (key, path, sha256, added) are kept under
+    Columns named like what the index derives itself (fundus_sdk.index.RESERVED) are kept under
     `label_<name>`, said so on stderr. Files without a row go to `failed` unless allowed.
     """
     if labels_csv is None:
         return list(range(len(files))), [None] * len(files)
-    rows = read_labels(labels_csv, require_grade=False, require_files=False, scale=scale)
+    rows = read_labels(labels_csv, require_grade=False, grade_column=not ungraded, require_files=False, scale=scale)
     clashes = sorted({name for r in rows for name in r.fields if name in RESERVED})
     if clashes:
         click.echo(f"note: {labels_csv}: column(s) {', '.join(clashes)} kept as "

@@ -52,6 +52,12 @@ IDENTIFYING = (
 EYES = {"L": "left", "R": "right"}
 
 
+def identifying(field: str) -> bool:
+    """Whether a metadata field holds a patient identifier (kept only with `keep_identifiers`):
+    one of IDENTIFYING, or a person's name (every DICOM person-name keyword says Name)."""
+    return field in IDENTIFYING or "Name" in field
+
+
 @dataclass(frozen=True)
 class Frame:
     """One frame of a DICOM file, usable wherever an image input is."""

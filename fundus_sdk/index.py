@@ -41,7 +41,7 @@ import numpy as np
 from .atomic import FILE_MODE, fsync_dir, write_atomically, write_output
 from .contract import UNIT_NORM_TOLERANCE
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
-from .dicom import Frame, looks_like_dicom
+from .dicom import Frame, identifying, looks_like_dicom
 from .dicom import frames as dicom_frames
 from .filters import COLUMNS, Where, compile_filter
 from .gate import NotFundusError, UngradableWarning, Verdict
@@ -57,7 +57,10 @@ DB_NAME = "cases.sqlite"
 LOCK_NAME = "writer.lock"
 log = logging.getLogger(__name__)
 PSEUDONYM_KEY = "pseudonym_key"  # per-index secret of the patient pseudonyms (HMAC of the PatientID)
-RESERVED = ("key", "path", "sha256", "added")  # derived by the index itself: never metadata
+# Fields the index derives itself, never taken from the caller's metadata: the case's key, photo
+# path, identity and date added, the input gate's gradability score, and the keyed pseudonym of a
+# DICOM PatientID (a label column of that name would let anyone pose as a patient's photos).
+RESERVED = ("key", "path", "sha256", "added", "gradability", "patient_pseudonym")
 ON_CONFLICT = ("keep", "update")
 
 SCHEMA = """
@@ -937,14 +940,19 @@ class Index:
         return list(COLUMNS) + sorted(r[0] for r in rows if r[0] not in COLUMNS)
 
     def history(self, ref: CaseRef | None = None) -> list[Change]:
-        """Recorded changes of stored values, oldest first (of one case, or of all)."""
+        """Recorded changes of stored values, oldest first (of one case, or of all); a removed
+        case's history by its key. KeyError for a case that never was."""
         if not self._has_table("changes"):
             return []
         if ref is None:
             rows = self._conn.execute("SELECT key, at, field, old, new FROM changes ORDER BY id").fetchall()
         else:
             key = self._key_of(ref)
+            if key is None and isinstance(ref, (int, np.integer)):  # a removed case keeps its history
+                key = int(ref)
             rows = self._conn.execute("SELECT key, at, field, old, new FROM changes WHERE key = ? ORDER BY id", (key,)).fetchall()
+            if not rows and self._key_of(ref) is None:
+                raise KeyError(f"{self.path} has no case {ref!r}")
         return [Change(k, at, f, json.loads(o) if o is not None else None, json.loads(n) if n is not None else None)
                 for k, at, f, o, n in rows]  # fmt: skip
 
@@ -1016,6 +1024,7 @@ class Index:
         *,
         paths: Sequence[str | None] | None = None,
         hashes: Sequence[str | None] | None = None,
+        verdicts: Sequence[dict[str, Any] | None] | None = None,
         model_fingerprint: str | None = None,
         on_error: OnError = "raise",
         on_conflict: str | Callable[[Conflict], None] = "keep",
@@ -1035,7 +1044,8 @@ class Index:
         stored one is a Conflict: "keep" (the default) keeps the stored values and warns,
         "update" stores the new ones (recorded in `history`), a callable receives each Conflict.
         Vectors need `model_fingerprint` (vectors from another model are refused) and may come
-        with `paths` and `hashes`. With on_error="skip" (or a callable), unreadable images are
+        with `paths`, `hashes` and the input gate's `verdicts` (as `embed` writes them: their
+        gradability is stored). With on_error="skip" (or a callable), unreadable images are
         reported and their key is None. The whole call is one atomic change unless
         `commit_every` (inputs) or `commit_seconds` is given: then each step is committed, and an
         interruption keeps every finished step. `progress(n)` after each batch, n inputs handled.
@@ -1064,7 +1074,7 @@ class Index:
         n = len(inputs)
         scale = self.scale
         meta = [check_metadata(m, scale) for m in (metadata if metadata is not None else [None] * n)]
-        for name, given in (("metadata", meta), ("paths", paths), ("hashes", hashes)):
+        for name, given in (("metadata", meta), ("paths", paths), ("hashes", hashes), ("verdicts", verdicts)):
             if given is not None and len(given) != n:
                 raise ValueError(f"{n} inputs but {len(given)} {name}")
         keys: list[int | None] = [None] * n
@@ -1092,6 +1102,8 @@ class Index:
                 sha = hashes[pos] if hashes is not None else None
                 if sha and self._known(sha, pos, grade, extra, keys, on_conflict):
                     continue
+                if verdicts is not None and verdicts[pos]:
+                    extra = {**extra, "gradability": verdicts[pos]["gradability"]}
                 pending.append((pos, path, sha, grade, json.dumps(extra, default=str), vec))
                 if due():
                     commit()
@@ -1266,11 +1278,23 @@ class Index:
         return added
 
     def remove(self, refs: Sequence[CaseRef]) -> int:
-        """Remove cases named by key, sha256 or path; returns how many were there."""
+        """Remove cases named by key, sha256 or path; returns how many were there. Each removal is
+        recorded in the history (field "case": its sha256 and grade), and the patient identifiers
+        the case held (`keep_identifiers`) are purged from the history with it."""
         keys = sorted({k for k in (self._key_of(r) for r in refs) if k is not None})
 
+        at = now()
+
         def change(cur: sqlite3.Connection, vectors: _USearch) -> int:
+            gone = [(k, *row) for k in keys for row in cur.execute("SELECT sha256, grade FROM cases WHERE key = ?", (k,))]
             cur.executemany("DELETE FROM cases WHERE key = ?", [(k,) for k in keys])
+            for key, _, _ in gone:  # identifiers kept with keep_identifiers leave with their case
+                cur.executemany("DELETE FROM changes WHERE id = ?",
+                                [(i,) for i, f in cur.execute("SELECT id, field FROM changes WHERE key = ?", (key,)) if identifying(f)])  # fmt: skip
+            cur.executemany(
+                "INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, 'case', ?, NULL)",
+                [(key, at, json.dumps({"sha256": sha, "grade": grade})) for key, sha, grade in gone],
+            )
             if keys:
                 vectors.remove(np.array(keys, dtype=np.uint64))
                 self._log(cur, keys, added=False)

@@ -186,6 +186,7 @@ def read_labels(
     image_root: str | Path | None = None,
     *,
     require_grade: bool = True,
+    grade_column: bool = True,
     require_files: bool = True,
     scale: Scale = ICDR,
 ) -> list[Label]:
@@ -194,7 +195,8 @@ def read_labels(
     Errors: missing `image` (or, with require_grade, `grade`) column; a grade that is not on
     `scale` (a whole number in its range, "2.0" for 2, or one of its names); a number too large
     to store; with require_files, an image that does not exist under `image_root`.
-    An empty grade cell is allowed (None) unless require_grade.
+    An empty grade cell is allowed (None) unless require_grade; the `grade` column itself is
+    required unless `grade_column` is False too (cases ungraded on purpose).
     """
     csv_path = Path(csv_path)
     root = Path(image_root) if image_root is not None else default_image_root(csv_path)
@@ -204,7 +206,7 @@ def read_labels(
         raise LabelError(f"{csv_path}: cannot read label file ({exc.strerror or exc})") from exc
     with f:
         reader = csv.DictReader(f)
-        needed = {"image", "grade"} if require_grade else {"image"}
+        needed = {"image", "grade"} if require_grade or grade_column else {"image"}
         missing = needed - set(reader.fieldnames or [])
         if missing:
             raise LabelError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; found {reader.fieldnames}")

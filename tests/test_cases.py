@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +414,42 @@ def test_exports_are_inert_private_and_never_replace_a_link(tmp_path, photos):
     to_stdout = fundus("index", "export", "cases", "-o", "-", cwd=tmp_path)
     assert to_stdout.returncode == 0 and to_stdout.stdout.splitlines()[0].startswith("key,path,sha256")
     assert not (tmp_path / "-").exists() and "exported 2 cases -> stdout" in to_stdout.stderr
+
+
+@pytest.mark.parametrize("field", ["gradability", "patient_pseudonym", "sha256"])
+def test_fields_the_index_derives_are_refused_as_metadata(tmp_path, photos, field):
+    with Index.create(tmp_path / "cases") as ix:
+        with pytest.raises(ValueError, match=f"metadata field '{field}' is reserved"):
+            ix.add(photos[:1], [{"grade": 0, field: "0.1"}])
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "grade", field], [[photos[0].name, 1, "spoof"]])
+    proc = fundus("index", "add", "cases", photos[0], "--labels", csv_path, cwd=tmp_path)
+    assert proc.returncode == 0 and f"kept as label_{field}" in proc.stderr
+    with Index.open(tmp_path / "cases", read_only=True) as ix:
+        (case,) = list(ix)
+        assert case.metadata[f"label_{field}"] == "spoof" and case.metadata.get(field) != "spoof"
+
+
+def test_a_label_file_without_a_grade_column_is_an_error_unless_ungraded(tmp_path, photos):
+    csv_path = write_csv(tmp_path / "labels.csv", ["image", "eye"], [[photos[0].name, "left"]])
+    assert fundus("index", "create", "cases", cwd=tmp_path).returncode == 0
+    proc = fundus("index", "add", "cases", photos[0], "--labels", csv_path, cwd=tmp_path)
+    assert proc.returncode == EXIT_FATAL and "missing column(s) grade; found ['image', 'eye']" in proc.stderr
+    proc = fundus("index", "add", "cases", photos[0], "--labels", csv_path, "--ungraded", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with Index.open(tmp_path / "cases", read_only=True) as ix:
+        assert [(c.grade, c.metadata["eye"]) for c in ix] == [(None, "left")]
+
+
+def test_a_removal_is_in_the_history_and_purges_identifiers(tmp_path, photos):
+    with Index.create(tmp_path / "cases") as ix:
+        key, other = ix.add(photos[:2], [{"grade": 1}, {"grade": 2}])
+        ix.update(key, {"grade": 2, "PatientName": "Doe^Jane", "site": "north"})
+        assert ix.remove([key]) == 1
+        fields = [(c.field, c.old, c.new) for c in ix.history(key)]
+        assert fields[:2] == [("grade", 1, 2), ("site", None, "north")]
+        assert fields[2][0] == "case" and fields[2][1]["grade"] == 2 and fields[2][2] is None
+        assert "Doe^Jane" not in json.dumps([asdict(c) for c in ix.history()])
+        with pytest.raises(KeyError, match="has no case 999"):
+            ix.history(999)
+    proc = fundus("index", "history", "cases", "999", cwd=tmp_path)
+    assert proc.returncode != 0 and "no case 999" in proc.stderr
