@@ -654,6 +654,10 @@ def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_
                 compile_filter(filters, leave_out, ix.fields())  # an unknown field fails here, before any embedding
             except FilterError as exc:
                 raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
+            if not ix.cases(filters or None, leave_out or None):  # said before any embedding, not as an empty table
+                click.echo(f"error: no case matches {filter_text(where, exclude)}; {known_values(ix, [*filters, *leave_out])}",
+                           err=True)  # fmt: skip
+                sys.exit(Exit.PARTIAL)
         for image in images:
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -678,6 +682,22 @@ def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_
             click.echo(format_hits(query, hits))
     if failures:
         sys.exit(Exit.PARTIAL)
+
+
+def filter_text(where: tuple[str, ...], exclude: tuple[str, ...]) -> str:
+    return " ".join([*(f"--where {w}" for w in where), *(f"--exclude {e}" for e in exclude)])
+
+
+def known_values(ix: Index, fields: list[str], most: int = 8) -> str:
+    """What the index holds in `fields`, for a filter that matched nothing: 'eye: left, right'."""
+    seen: dict[str, set] = {f: set() for f in fields}
+    for case in ix:
+        for f in fields:
+            value = getattr(case, f, None) if f in ("grade", "key", "path", "sha256", "added") else case.metadata.get(f)
+            if value is not None and len(seen[f]) <= most:
+                seen[f].add(value)
+    return "; ".join(f"{f} holds " + (", ".join(map(repr, sorted(v, key=str)[:most])) + (", ..." if len(v) > most else "")
+                     if v else "no values") for f, v in seen.items())  # fmt: skip
 
 
 def write_reports(report: Report, html_out: Path | None, png_out: Path | None) -> None:

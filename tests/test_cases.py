@@ -453,3 +453,17 @@ def test_a_removal_is_in_the_history_and_purges_identifiers(tmp_path, photos):
             ix.history(999)
     proc = fundus("index", "history", "cases", "999", cwd=tmp_path)
     assert proc.returncode != 0 and "no case 999" in proc.stderr
+
+
+def test_filters_compare_ids_by_value_and_refuse_what_is_no_operator(graded, photos):
+    with Index.open(graded / "cases", read_only=True) as ix:
+        as_text = ix.search(photos[0], k=5, exclude={"patient": "10310"})
+        assert as_text and all(h.metadata["patient"] != 10310 for h in as_text)
+        assert {h.key for h in as_text} == {h.key for h in ix.search(photos[0], k=5, exclude={"patient": 10310})}
+        assert len(ix.search(photos[0], k=5, where={"grade": {"<=": 10**30}})) == 5  # beyond SQLite's integers
+    proc = fundus("search", photos[0], "--index", "cases", "--where", "grade=>3", cwd=graded)
+    assert proc.returncode == EXIT_USAGE and "'=>' is not an operator" in proc.stderr
+    proc = fundus("search", photos[0], "--index", "cases", "--where", "eye=Left", cwd=graded)
+    assert proc.returncode == EXIT_PARTIAL and "no case matches --where eye=Left; eye holds 'left', 'right'" in proc.stderr
+    listed = fundus("search", photos[0], "--index", "cases", "--where", "eye in left", "--where", "grade==1", "--json", cwd=graded)
+    assert [h["grade"] for h in json.loads(listed.stdout)[0]["hits"]] == [1]
