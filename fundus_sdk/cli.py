@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -55,6 +56,9 @@ def handle_errors(fn: Callable) -> Callable:
             fatal(str(exc))
         except KeyError as exc:  # a case that is not in the index
             fatal(str(exc.args[0]))
+        except BrokenPipeError:  # the reader went away (`| head -1`): what it wanted was written; end quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(Exit.OK)
         except sqlite3.Error as exc:  # a damaged database file, or a full disk at commit
             fatal(f"the index database failed: {exc}")
         except OSError as exc:  # e.g. a full disk: the index and any output stay as they were
@@ -346,55 +350,86 @@ def index_add(
     ix = runtime.open(directory)
     failures, conflicts = 0, 0
 
-    def failed(err: ImageError) -> None:
+    def failed(err: ImageError, reported: bool = False) -> None:
         nonlocal failures
         failures += 1
-        report_failure(err)
+        if not reported:
+            report_failure(err)
+
+    corrections: dict[int, dict] = {}  # --update: the given values of cases already held, by key
 
     def conflict(c: Conflict) -> None:
         nonlocal conflicts
+        if update:
+            corrections.setdefault(c.key, {})[c.field] = c.given
+            return
         conflicts += 1
         click.echo(f"kept {c} (--update stores it)", err=True)
 
-    on_conflict = "update" if update else conflict
+    added: list[int | None] = []
     with ix:
-        before = len(ix)
-        for file in (p for p in paths if is_embeddings(p)):
-            data = read_embeddings(file)
-            for path, reason in data.failed:  # rows of `embed --ray` without a vector
-                failed(ImageError(path, reason))
-            files = [Path(p) for p in data.paths]
-            keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed, ix.scale, ungraded)
-            if data.metadata is not None:  # DICOM headers read by `embed --ray`
-                meta = [{**h, **(m or {})} for h, m in zip(data.metadata, meta)]
-            if data.verdicts is not None:  # checked by `embed`: its verdicts' gradability is kept
-                if not no_check:
-                    refused = {i for i, v in enumerate(data.verdicts) if v is not None and not v["fundus"]}
-                    for i in sorted(refused & set(keep)):
-                        failed(NotFundusError(data.paths[i], Verdict.from_dict(data.verdicts[i])))
-                    keep = [i for i in keep if i not in refused]
-            ix.add(
-                data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
-                hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
-                verdicts=None if data.verdicts is None else [data.verdicts[i] for i in keep], on_conflict=on_conflict,
-            )  # fmt: skip
-        photos = [p for p in paths if not is_embeddings(p)]
-        files, missing = gather(photos, recursive) if photos else ([], [])
-        failures += len(missing)  # named on stderr by gather
-        if files:
-            folders = [Path(p) for p in photos if Path(p).is_dir()]
-            plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
-            keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale, ungraded)
-            with progress(len(keep), "adding", quiet) as advance:
-                ix.add(
-                    [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=on_conflict,
-                    batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance, check=not no_check,
-                    keep_identifiers=keep_identifiers,
-                )  # fmt: skip
+        first_new = ix.last_key + 1  # keys are never reused: this call's new cases have keys from here
+        try:
+            add_inputs(ix, paths, labels, allow_unlabelled, ungraded, recursive, batch_size, no_check, keep_identifiers,
+                       quiet, failed, conflict, added)  # fmt: skip
+        except KeyboardInterrupt:
+            new = len(ix_keys_since(ix, first_new))
+            click.echo(f"interrupted: {new} cases were committed before it and are kept; the same command adds the rest",
+                       err=True)  # fmt: skip
+            sys.exit(Exit.INTERRUPTED)
+        for key, values in corrections.items():
+            ix.update(key, values)
+        new = len({k for k in added if k is not None and k >= first_new})
         kept = f", {conflicts} conflicting values kept" if conflicts else ""
-        click.echo(f"added {len(ix) - before} cases ({failures} failed{kept}); {directory} now holds {len(ix)}")
+        updated = f", {len(corrections)} updated" if update else ""
+        click.echo(f"added {new} cases{updated} ({failures} failed{kept}); {directory} now holds {len(ix)}")
     if failures or conflicts:
         sys.exit(Exit.PARTIAL)
+
+
+def ix_keys_since(ix: Index, first: int) -> list[int]:
+    """Keys of the cases now in `ix` from `first` on (this call's, and any another writer added meanwhile)."""
+    return [c.key for c in ix.cases(where={"key": {">=": first}})]
+
+
+def add_inputs(
+    ix: Index, paths, labels, allow_unlabelled, ungraded, recursive, batch_size, no_check, keep_identifiers, quiet,
+    failed: Callable[[ImageError], None], conflict: Callable[[Conflict], None], added: list[int | None],
+) -> None:  # fmt: skip
+    """`index add`'s work: embedding files, then photos; each call's keys are appended to `added`."""
+    for file in (p for p in paths if is_embeddings(p)):
+        data = read_embeddings(file)
+        for path, reason in data.failed:  # rows of `embed --ray` without a vector
+            failed(ImageError(path, reason))
+        files = [Path(p) for p in data.paths]
+        keep, meta = label_metadata(files, labels, [], allow_unlabelled, failed, ix.scale, ungraded)
+        if data.metadata is not None:  # DICOM headers read by `embed --ray`
+            meta = [{**h, **(m or {})} for h, m in zip(data.metadata, meta)]
+        if data.verdicts is not None:  # checked by `embed`: its verdicts' gradability is kept
+            if not no_check:
+                refused = {i for i, v in enumerate(data.verdicts) if v is not None and not v["fundus"]}
+                for i in sorted(refused & set(keep)):
+                    failed(NotFundusError(data.paths[i], Verdict.from_dict(data.verdicts[i])))
+                keep = [i for i in keep if i not in refused]
+        added += ix.add(
+            data.vectors[keep], [meta[i] for i in keep], paths=[data.paths[i] for i in keep],
+            hashes=[data.sha256[i] or None for i in keep], model_fingerprint=data.model_fingerprint,
+            verdicts=None if data.verdicts is None else [data.verdicts[i] for i in keep], on_conflict=conflict,
+        )  # fmt: skip
+    photos = [p for p in paths if not is_embeddings(p)]
+    files, missing = gather(photos, recursive) if photos else ([], [])
+    for err in missing:  # named on stderr by gather
+        failed(err, reported=True)
+    if files:
+        folders = [Path(p) for p in photos if Path(p).is_dir()]
+        plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
+        keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale, ungraded)
+        with progress(len(keep), "adding", quiet) as advance:
+            added += ix.add(
+                [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=conflict,
+                batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance, check=not no_check,
+                keep_identifiers=keep_identifiers,
+            )  # fmt: skip
 
 
 def absolute(item: Path | Frame) -> str:

@@ -161,7 +161,12 @@ def _connect(db: Path, read_only: bool) -> sqlite3.Connection:
         return attempt()
     except sqlite3.OperationalError:
         journal = db.with_name(db.name + "-journal")
-        if not (read_only and journal.exists() and os.access(db.parent, os.W_OK)):
+        if read_only and journal.exists() and not os.access(db.parent, os.W_OK):
+            raise CaseIndexError(
+                f"{db.parent}: a write was interrupted there and SQLite must roll it back before the index can be read; "
+                "open it once as a user who may write to that folder (e.g. `fundus-sdk index check` as its owner)"
+            ) from None
+        if not (read_only and journal.exists()):
             raise
         recover = sqlite3.connect(db, isolation_level=None)
         try:
@@ -169,6 +174,14 @@ def _connect(db: Path, read_only: bool) -> sqlite3.Connection:
         finally:
             recover.close()
         return attempt()
+
+
+def claim(lock) -> None:
+    """Say in the writer-lock file who holds it now (a waiting writer names the holder)."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
+    lock.flush()
 
 
 def now() -> str:
@@ -388,6 +401,7 @@ class Index:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return
+            claim(lock)
             self._locked = True
             try:
                 self.refresh()
@@ -436,10 +450,7 @@ class Index:
                             f"{self.path}: another writer holds the index ({holder}); waited {self.lock_timeout:.0f} s"
                         ) from None
                     time.sleep(0.05)
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {now()}")
-            lock.flush()
+            claim(lock)
             self._locked = True
             self.refresh()
             yield
@@ -603,6 +614,12 @@ class Index:
 
     def __len__(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+
+    @property
+    def last_key(self) -> int:
+        """The highest key ever given (0: none). Keys are never reused, so cases added later have higher ones."""
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'cases'").fetchone()
+        return int(row[0]) if row else 0
 
     @property
     def model(self) -> Model:
@@ -1248,8 +1265,11 @@ class Index:
                  for f, o, v in changes],
             )  # fmt: skip
             self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+        except BaseException as exc:
+            if self._conn.in_transaction:  # SQLite may have rolled back itself (a full disk): keep the cause
+                self._conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise CaseIndexError(f"{self.path}: the change could not be committed ({exc}); the index is as it was") from exc
             raise
 
     def _insert(

@@ -35,7 +35,7 @@ MAX_ASPECT = 4.0  # cameras give 1:1 to 16:9; a 20000x100 strip is no fundus pho
 # The still raster formats PIL may recognise an encoded input as (by its content, whatever its
 # name). Vector and document formats (EPS, PS, PDF) are never opened: PIL hands them to
 # Ghostscript.
-RASTER_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "JPEG2000", "GIF", "PPM", "TGA", "SGI", "ICO", "DDS")
+RASTER_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "WEBP", "AVIF", "JPEG2000", "GIF", "PPM", "TGA", "SGI", "ICO", "DDS")
 # The names a folder's image files may have: every suffix PIL registers for those formats.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in RASTER_FORMATS)
 

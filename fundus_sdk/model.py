@@ -28,6 +28,7 @@ from .preprocess import Prepared, Preprocess
 from .weights import WeightsError, fingerprints
 
 log = logging.getLogger(__name__)
+ort.disable_telemetry_events()  # a hospital's photos and usage stay on its machines (Windows builds send ETW events)
 OUTPUTS = ([contract.OUTPUT_NAME], [contract.OUTPUT_NAME, contract.ATTENTION_NAME])  # what a model may output
 DEFAULT_MODEL = "default.onnx"
 # Images per ONNX Runtime call. Its CPU arena keeps the peak of the images in flight at once:

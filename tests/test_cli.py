@@ -657,3 +657,43 @@ def test_a_tiny_dicom_declaring_a_billion_frames_is_refused_by_name(tmp_path: Pa
     proc = run("embed", path, "-o", tmp_path / "out.npz", timeout=120)
     no_traceback(proc)
     assert proc.returncode != 0 and f"{path}: declares 1000000000 frames, more than its" in proc.stderr
+
+
+def test_a_closed_pipe_ends_quietly(ws: Workspace) -> None:
+    proc = subprocess.run(f"{' '.join(fundus_command())} index info {ws.index} | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120, executable="/bin/bash", stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.stdout.count("\n") == 1 and proc.stderr == "", proc.stderr
+    piped = subprocess.run(f"set -o pipefail; {' '.join(fundus_command())} index export {ws.index} -o - | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120, executable="/bin/bash", stdin=subprocess.DEVNULL)  # fmt: skip
+    assert piped.returncode == 0 and "Broken pipe" not in piped.stderr, piped.stderr
+
+
+def test_update_says_how_many_cases_it_updated_and_other_writers_adds_are_not_counted(ws: Workspace) -> None:
+    index = copy_index(ws, "updated")
+    with Index.open(index, model=load_model()) as ix:  # another writer's case, committed before this run
+        ix.add(np.eye(1, ix.dim, dtype=np.float32), model_fingerprint=ix.model.fingerprint)
+    labels = ws.root / "regraded.csv"
+    names = [p.name for p in ws.good[:2]]
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["image", "grade"], *([n, (ws.grades[n] + 1) % 5] for n in names)])
+    proc = run("index", "add", index, *ws.good[:2], "--labels", labels, "--update", cwd=ws.root)
+    no_traceback(proc)
+    assert proc.returncode == EXIT_OK and "added 0 cases, 2 updated (0 failed)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_an_interrupted_add_says_how_many_cases_it_kept(ws: Workspace, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from fundus_sdk.cli import main
+
+    index = ws.root / "interrupted"
+    assert run("index", "create", index, cwd=ws.root).returncode == EXIT_OK
+    real_add = Index.add
+
+    def add_two_then_interrupt(self, items, metadata=None, **kwargs):  # Ctrl-C after the first two were committed
+        real_add(self, items[:2], None if metadata is None else metadata[:2], **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Index, "add", add_two_then_interrupt)
+    result = CliRunner().invoke(main, ["index", "add", str(index), *map(str, ws.good[:4])])
+    assert result.exit_code == 130 and "interrupted: 2 cases were committed before it and are kept" in result.output

@@ -85,3 +85,15 @@ def test_folders_take_every_raster_format_and_name_what_they_skip(tmp_path):
     assert [(n, "-r" in r) for n, r in skipped] == [("notes.txt", False), ("sub", True)]
     assert [p.name for p in find_images([tmp_path], recursive=True)][-1] == "e.jpg"
     assert len({decode(p).sha256 for p in found}) == 4
+
+
+def test_avif_is_decoded_like_the_other_raster_formats(tmp_path):
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.fail("this Pillow cannot write AVIF; the project's Pillow pin brings it")
+    path = tmp_path / "photo.avif"
+    Image.open(RETINA).save(path, format="AVIF", quality=90)
+    decoded = decode(path)
+    assert decoded.format == "AVIF" and decoded.image.size == Image.open(RETINA).size
+    assert path in find_images([tmp_path])
