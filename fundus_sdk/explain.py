@@ -48,6 +48,7 @@ class Explanation:
     box: Box  # the field of view's crop box in `photo`
     photo: Image.Image = field(repr=False)  # RGB, as decoded (JPEGs at draft scale)
     verdict: Verdict | None = None
+    sha256: str = ""  # the identity of the input explained (fundus_sdk.inputs)
 
     def inside(self) -> np.ndarray:
         """bool (side, side): the cells of the attention grid (almost) wholly inside the field of view."""

@@ -318,7 +318,7 @@ class Model:
             )
             for (prepared, decoded), vector, attention in zip(loaded, vectors, maps):
                 verdict = self.judge(vector, prepared.signals)
-                out.append(Explanation(decoded.name, vector, attention, prepared.fov, prepared.box, decoded.image, verdict))
+                out.append(Explanation(decoded.name, vector, attention, prepared.fov, prepared.box, decoded.image, verdict, decoded.sha256))
         return out
 
     def check(

@@ -157,13 +157,16 @@ class Report:
 
 
 def explain_cases(model: Model, hits: list[Hit]) -> list[Neighbour]:
-    """Each hit with the explanation of its case's photo, read from where the index says it is."""
+    """Each hit with the explanation of its case's photo, read from where the index says it is
+    and shown only if it is still the photo that was indexed (same sha256)."""
     out = []
     for hit in hits:
         try:
             if hit.path is None or not Path(hit.path).is_file():
                 raise ImageError(hit.path or f"case {hit.key}", "the photo is not at its indexed path")
             (explained,) = model.explain([photo_of(hit)])
+            if explained.sha256 != hit.sha256:  # another photo copied over it: never shown as this case
+                raise ImageError(hit.path, f"the photo at {hit.path} changed since it was indexed")
             out.append(Neighbour(hit, explained))
         except ImageError as err:
             out.append(Neighbour(hit, None, err.reason))

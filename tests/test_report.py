@@ -156,3 +156,21 @@ def test_patient_identifiers_only_when_kept(tmp_path, model, queries):
             pages[keep] = re.sub(r"data:image/[^\"]+", "", html)  # the text, not the pictures' base64
     assert [v for v in IDENTIFIERS.values() if v in pages[False]] == []
     assert "patient_pseudonym" in pages[False] and IDENTIFIERS["PatientName"] in pages[True]
+
+
+def test_a_case_whose_photo_was_replaced_is_not_shown_as_that_case(tmp_path, model, queries):
+    import shutil
+
+    sample = [p for p, _ in eyepacs_sample(1, split="train", per_grade=True)[:2]]
+    copies = [tmp_path / f"case{i}.jpg" for i in range(2)]
+    for src, dst in zip(sample, copies):
+        shutil.copyfile(src, dst)
+    with fundus_sdk.Index.create(tmp_path / "cases", model=model) as ix:
+        ix.add(copies, metadata=[{"grade": 0}, {"grade": 1}])
+        shutil.copyfile(queries[0], copies[1])  # another patient's photo copied over an indexed file
+        report = fundus_sdk.report(queries[1], ix, k=2)
+    by_path = {n.hit.path: n for n in report.queries[0].neighbours}
+    assert by_path[str(copies[0])].explanation is not None
+    replaced = by_path[str(copies[1])]
+    assert replaced.explanation is None and replaced.problem == f"the photo at {copies[1]} changed since it was indexed"
+    assert f"photo not available: the photo at {copies[1]} changed since it was indexed" in report.to_html()
