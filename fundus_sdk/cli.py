@@ -757,15 +757,19 @@ def format_hits(query: str, hits: list[Hit]) -> str:
 @click.option("--index", "index_dir", required=True, type=click.Path(file_okay=False), help="The graded gallery.")
 @click.option("--queries", required=True, type=click.Path(dir_okay=False), help="CSV with columns image, grade.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--keep-own-patient", is_flag=True,
+              help="Count the query patient's other photos (e.g. the fellow eye) as results; left out by default.")
 @model_option
 @json_option
 @quiet_option
 @handle_errors
-def evaluate(index_dir, queries, k, runtime, as_json, quiet) -> None:
+def evaluate(index_dir, queries, k, keep_own_patient, runtime, as_json, quiet) -> None:
     """Retrieval quality of an index for graded query photos: mHR@k, mAP@k, AP@k, NDCG@k.
 
     Per grade and averaged (micro over queries, macro over grades), each next to its chance
-    level. Query photos already in the index (same content hash) never count as their own hit.
+    level. Query photos already in the index (same content hash) never count as their own hit,
+    and where the queries CSV has a patient column, the patient's other photos in the index are
+    left out too (--keep-own-patient counts them); the output says what was left out.
 
     \b
     Example:
@@ -780,8 +784,9 @@ def evaluate(index_dir, queries, k, runtime, as_json, quiet) -> None:
     with runtime.open(index_dir, read_only=True) as ix:
         labels = read_labels(queries, scale=ix.scale)
         with progress(len(labels), "evaluating", quiet) as advance:
-            report = evaluate_index(ix, labels, k, on_error=failed, progress=advance)
-    click.echo(json.dumps(report, indent=2) if as_json else metrics.format_report(report))
+            report = evaluate_index(ix, labels, k, on_error=failed, progress=advance, own_patient=keep_own_patient)
+    left_out = "; ".join(f"{what}: {how}" for what, how in report["left_out"].items())
+    click.echo(json.dumps(report, indent=2) if as_json else f"{metrics.format_report(report)}\nleft out of results: {left_out}")
     if failures:
         sys.exit(Exit.PARTIAL)
 

@@ -20,11 +20,15 @@ def evaluate_index(
     on_error: OnError = "raise",
     progress: Callable[[int], None] | None = None,
     batch_size: int = 16,
+    own_patient: bool = False,
 ) -> dict:
     """Retrieval metrics (metrics.evaluate's report) of graded query photos against the index's
     graded cases.
 
     A query photo that is itself in the index (same content hash) never counts as its own hit.
+    Where a query's label row names its `patient`, that patient's other photos in the index
+    (the fellow eye, other visits) are left out of its results too, since they flatter the
+    figures; `own_patient=True` keeps them. The report says which under "left_out".
     Unreadable queries go to `on_error` (as for embed); `progress(n)` after each batch.
     Raises CaseIndexError when the index holds no graded case, ValueError when no query was read.
     """
@@ -34,13 +38,17 @@ def evaluate_index(
     gallery = index.grades()
     if gallery.size == 0:
         raise CaseIndexError(f"{index.path} holds no graded cases")
-    ranked, grades = [], []
+    ranked, grades, patients = [], [], 0
     for batch in index.model.iter_embed([q.path for q in queries], batch_size=batch_size, check=False):
         for err in batch.errors:
             failed(err)
         # one search per batch, so the grade filter is computed once per batch
         batch_hits = index.search_batch(batch.vectors, k=k + 1, where=graded) if len(batch.positions) else []
-        for pos, found, sha in zip(batch.positions, batch_hits, batch.sha256):
+        for pos, vec, found, sha in zip(batch.positions, batch.vectors, batch_hits, batch.sha256):
+            patient = None if own_patient else (queries[pos].fields.get("patient") or "").strip() or None
+            if patient is not None:  # its own patient's photos left out, compared by value (filters.by_value)
+                found = index.search(vec, k=k + 1, where=graded, exclude={"patient": patient})
+                patients += 1
             hits = [h for h in found if h.sha256 != sha][:k]
             grade = queries[pos].grade
             # a gallery smaller than k: the missing ranks get a grade the whole scale away (no hit, zero gain)
@@ -50,4 +58,10 @@ def evaluate_index(
             progress(len(batch.positions) + len(batch.errors))
     if not grades:
         raise ValueError("no query photo could be read")
-    return metrics.evaluate(np.array(grades), np.array(ranked), gallery, scale.span)
+    report = metrics.evaluate(np.array(grades), np.array(ranked), gallery, scale.span)
+    report["left_out"] = {
+        "query_photo": "a query photo that is itself in the index",
+        "own_patient": f"the other photos of the query's patient ({patients} queries name their patient)"
+        if patients else ("kept (own_patient=True)" if own_patient else "no query names its patient"),
+    }
+    return report

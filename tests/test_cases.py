@@ -467,3 +467,17 @@ def test_filters_compare_ids_by_value_and_refuse_what_is_no_operator(graded, pho
     assert proc.returncode == EXIT_PARTIAL and "no case matches --where eye=Left; eye holds 'left', 'right'" in proc.stderr
     listed = fundus("search", photos[0], "--index", "cases", "--where", "eye in left", "--where", "grade==1", "--json", cwd=graded)
     assert [h["grade"] for h in json.loads(listed.stdout)[0]["hits"]] == [1]
+
+
+def test_evaluate_leaves_out_the_query_patients_other_photos_unless_asked(tmp_path, photos):
+    with Index.create(tmp_path / "cases") as ix:  # photos[1] is the query patient's other eye, patient 7
+        ix.add(photos[1:], [{"grade": g, "patient": p} for g, p in zip((1, 2, 3, 4), (7, 8, 9, 10))])
+    queries = write_csv(tmp_path / "queries.csv", ["image", "grade", "patient"], [[str(photos[0]), 1, "7"]])
+    default = fundus("evaluate", "--index", "cases", "--queries", queries, "-k", 4, "--json", cwd=tmp_path)
+    kept = fundus("evaluate", "--index", "cases", "--queries", queries, "-k", 4, "--json", "--keep-own-patient", cwd=tmp_path)
+    left_out, counted = json.loads(default.stdout), json.loads(kept.stdout)
+    assert left_out["micro"]["mHR"] == 0.0 and counted["micro"]["mHR"] == 0.25  # the fellow eye is the only grade-1 case
+    assert "1 queries name their patient" in left_out["left_out"]["own_patient"]
+    assert counted["left_out"]["own_patient"].startswith("kept")
+    text = fundus("evaluate", "--index", "cases", "--queries", queries, "-k", 4, cwd=tmp_path)
+    assert "left out of results: query_photo: a query photo that is itself in the index; own_patient: the other photos" in text.stdout
