@@ -56,7 +56,12 @@ FORMAT = "1"
 DB_NAME = "cases.sqlite"
 LOCK_NAME = "writer.lock"
 log = logging.getLogger(__name__)
-PSEUDONYM_KEY = "pseudonym_key"  # per-index secret of the patient pseudonyms (HMAC of the PatientID)
+# The secret of the patient pseudonyms (HMAC of the PatientID) is kept out of the database, which
+# is copied and exported, in its own owner-only file: the hospital's (FUNDUS_SDK_PSEUDONYM_KEY names
+# it), else one the index makes beside its database. Indexes before 0.4 held it in `info`.
+PSEUDONYM_KEY = "pseudonym_key"
+PSEUDONYM_FILE = "pseudonym.key"
+PSEUDONYM_ENV = "FUNDUS_SDK_PSEUDONYM_KEY"
 # Fields the index derives itself, never taken from the caller's metadata: the case's key, photo
 # path, identity and date added, the input gate's gradability score, and the keyed pseudonym of a
 # DICOM PatientID (a label column of that name would let anyone pose as a patient's photos).
@@ -518,7 +523,6 @@ class Index:
             "expansion_add": str(cls.expansion_add),
             "expansion_search": str(cls.expansion_search),
             "created": now(),
-            PSEUDONYM_KEY: secrets.token_hex(32),
         } | ({"root": str(Path(root).resolve())} if root is not None else {})
         try:
             with conn:
@@ -1213,13 +1217,32 @@ class Index:
         """What a case may say of its patient: a pseudonym of the PatientID, the identifiers only if kept."""
         out: dict[str, Any] = dict(identifiers) if keep else {}
         if identifiers.get("PatientID"):
-            if PSEUDONYM_KEY not in self._info:  # an index made before pseudonyms: give it its secret now
-                with self._writer(), self._conn:
-                    self._conn.execute("INSERT OR IGNORE INTO info VALUES (?, ?)", (PSEUDONYM_KEY, secrets.token_hex(32)))
-                self.refresh()
-            secret = bytes.fromhex(self._info[PSEUDONYM_KEY])
+            secret = self._pseudonym_secret()
             out["patient_pseudonym"] = hmac.new(secret, identifiers["PatientID"].encode(), hashlib.sha256).hexdigest()[:20]
         return out
+
+    def _pseudonym_secret(self) -> bytes:
+        """The pseudonyms' secret (see PSEUDONYM_FILE): the hospital's key file, else this index's,
+        made (or moved out of an older index's database) under the writer lock when first needed."""
+        supplied = os.environ.get(PSEUDONYM_ENV)
+        file = Path(supplied) if supplied else self.path / PSEUDONYM_FILE
+        if not file.is_file():
+            if supplied:
+                raise CaseIndexError(f"{PSEUDONYM_ENV}={supplied}: no such key file")
+            with self._writer():
+                if not file.is_file():
+                    with write_atomically(file, mode=FILE_MODE) as tmp:
+                        tmp.write_text(self._info.get(PSEUDONYM_KEY) or secrets.token_hex(32))
+                self._conn.execute("PRAGMA secure_delete = ON")  # the old secret's bytes are overwritten, not freed
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.execute("DELETE FROM info WHERE name = ?", (PSEUDONYM_KEY,))
+                self._conn.execute("PRAGMA secure_delete = OFF")
+            self.refresh()
+        try:
+            return bytes.fromhex(file.read_text().strip())
+        except ValueError:
+            raise CaseIndexError(f"{file}: the pseudonym key must be hexadecimal text") from None
 
     def update(self, ref: CaseRef, values: dict[str, Any]) -> Case:
         """Set metadata fields of one case (named by key, sha256 or path); None removes a field.
@@ -1488,10 +1511,12 @@ def rebuild(
         raise CaseIndexError(f"{new}: already exists and is not an empty directory")
     with Index.open(old, read_only=True) as src:
         cases, history, info = list(src), src.history(), src._info
+        key_file = src.path / PSEUDONYM_FILE
+        old_key = key_file.read_text() if key_file.is_file() else info.get(PSEUDONYM_KEY)
     # Built aside and renamed into place when complete: a kill leaves no half-built index at `new`.
     staging = staging_dir(new, "rebuilding")
     try:
-        built = _rebuild_into(staging, m, cases, history, info, batch_size, progress)
+        built = _rebuild_into(staging, m, cases, history, info, old_key, batch_size, progress)
         if new.is_dir():
             new.rmdir()  # empty, checked above
         staging.rename(new)
@@ -1503,7 +1528,7 @@ def rebuild(
 
 
 def _rebuild_into(staging: Path, m: Model, cases: list[Case], history: list[Change], info: dict[str, str],
-                  batch_size: int, progress: Callable[[int], None] | None) -> RebuildReport:  # fmt: skip
+                  old_key: str | None, batch_size: int, progress: Callable[[int], None] | None) -> RebuildReport:  # fmt: skip
     """`rebuild`'s work, into a new index at `staging`."""
     missing, changed, unreadable, todo = [], [], [], []
     for case in cases:
@@ -1517,6 +1542,9 @@ def _rebuild_into(staging: Path, m: Model, cases: list[Case], history: list[Chan
             continue
         (todo if sha == case.sha256 else changed).append(case)
     with Index.create(staging, model=m, dtype=info.get("dtype", "f16"), root=info.get("root")) as dst:
+        if old_key is not None:  # the same patients keep their pseudonyms in the new index
+            with write_atomically(dst.path / PSEUDONYM_FILE, mode=FILE_MODE) as tmp:
+                tmp.write_text(old_key)
         rows, keep = [], []
         sources = [photo_of(c) for c in todo]
         for batch in m.iter_embed(sources, batch_size=batch_size, check=False):

@@ -174,3 +174,41 @@ def test_rebuild_re_embeds_each_frame(tmp_path, rgb, model):
     assert report.rebuilt == 2 and not report.unreadable
     with fundus_sdk.Index.open(tmp_path / "new", read_only=True) as ix:
         assert sorted((c.metadata["frame"], c.grade) for c in ix) == [(1, 2), (2, 3)]
+
+
+def test_the_pseudonym_secret_stays_out_of_the_database(tmp_path, model, monkeypatch):
+    import hashlib
+    import hmac
+    import sqlite3
+    import stat
+
+    from fundus_sdk.index import PSEUDONYM_ENV, PSEUDONYM_FILE, PSEUDONYM_KEY
+
+    dcm = make_dicom(tmp_path / "a.dcm", photo(RETINA, 256), patient_id="MRN-42")
+    with fundus_sdk.Index.create(tmp_path / "ix", model=model) as ix:
+        (key,) = ix.add([dcm])
+        pseudonym = ix.get(key).metadata["patient_pseudonym"]
+    key_file = tmp_path / "ix" / PSEUDONYM_FILE
+    secret = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert secret.encode() not in (tmp_path / "ix" / "cases.sqlite").read_bytes()
+    assert hmac.new(bytes.fromhex(secret), b"MRN-42", hashlib.sha256).hexdigest()[:20] == pseudonym
+
+    old = tmp_path / "old"  # an index from before: the secret in its database, moved out when first needed
+    with fundus_sdk.Index.create(old, model=model):
+        pass
+    db = sqlite3.connect(old / "cases.sqlite")
+    db.execute("INSERT INTO info VALUES (?, ?)", (PSEUDONYM_KEY, secret))
+    db.commit()
+    db.close()
+    with fundus_sdk.Index.open(old, model=model) as ix:
+        assert ix.get(ix.add([dcm])[0]).metadata["patient_pseudonym"] == pseudonym
+    assert (old / PSEUDONYM_FILE).read_text().strip() == secret and secret.encode() not in (old / "cases.sqlite").read_bytes()
+
+    hospital = tmp_path / "hospital.key"  # a key the hospital supplies: the same pseudonyms in every index
+    hospital.write_text("ab" * 32)
+    monkeypatch.setenv(PSEUDONYM_ENV, str(hospital))
+    with fundus_sdk.Index.create(tmp_path / "third", model=model) as ix:
+        expected = hmac.new(bytes.fromhex("ab" * 32), b"MRN-42", hashlib.sha256).hexdigest()[:20]
+        assert ix.get(ix.add([dcm])[0]).metadata["patient_pseudonym"] == expected
+    assert not (tmp_path / "third" / PSEUDONYM_FILE).exists()
