@@ -486,8 +486,37 @@ def index_info(directory, as_json) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for key, value in info.items():
-        click.echo(f"{key:>18}: {value}")
+    click.echo(describe_index(info))
+
+
+def trained_on(recorded: str | None) -> str:
+    """The training data a model records, in words: its photo counts and data sets' names, not the
+    folders they sat in on the machine that trained it."""
+    if not recorded:
+        return "not recorded in the model"
+    data = json.loads(recorded)
+    sources = data.get("source") or []
+    names = [Path(str(p)).name for p in (sources if isinstance(sources, list) else [sources])]
+    fit, val = (data.get(part, {}).get("images") for part in ("train", "validation"))
+    return f"{', '.join(names) or 'unnamed data'} ({fit} photos trained on, {val} for validation)"
+
+
+def describe_index(info: dict) -> str:
+    """`index info` in words: what a user needs to know of an index, none of its internals."""
+    grades = info["grades"]
+    counts = ", ".join(f"{n:,} {'ungraded' if g == 'none' else f'grade {g}'}" for g, n in grades.items()) or "none yet"
+    paths = f"relative to {info['root']}" if info.get("root") else "absolute"
+    lines = [
+        ("index", info["path"]),
+        ("cases", f"{info['cases']:,} ({counts})"),
+        ("model", f"{info.get('model_name', 'unknown')} (fingerprint {info['model_fingerprint'][:12]})"),
+        ("grading scale", info.get("scale", "0-4")),
+        ("vectors", f"{info['dim']} dimensions, stored as {info['dtype']}"),
+        ("photo paths", paths),
+        ("created", info.get("created", "unknown")),
+        ("changes", f"{info['generation']} committed"),
+    ]
+    return "\n".join(f"{name:>14}: {value}" for name, value in lines)
 
 
 @index.command("check")
@@ -817,7 +846,8 @@ def info(runtime, as_json) -> None:
         except md.PackageNotFoundError:
             pass
     data = {
-        "model": {"path": str(model.path), "name": model.name, "dim": model.dim, "fingerprint": model.fingerprint},
+        "model": {"path": str(model.path), "name": model.name, "dim": model.dim, "fingerprint": model.fingerprint,
+                  "weights_fingerprint": model.weights_fingerprint},
         "metadata": model.metadata,
         "providers": {"available": ort.get_available_providers(), "in_use": model.providers},
         "packages": versions,
@@ -836,8 +866,9 @@ def info(runtime, as_json) -> None:
     click.echo(f"licence:     {model.metadata.get(contract.LICENCE) or 'not recorded in the model'}")
     if model.path == default_model_path():
         click.echo(f"             (terms in full: {default_model_path().parent / MODEL_LICENCE})")
+    click.echo(f"trained on:  {trained_on(model.metadata.get(contract.TRAINING_DATA))}")
     click.echo("metadata:")
     for key, value in sorted(model.metadata.items()):
-        if key in (contract.LICENCE, CALIBRATION_KEY):
-            continue  # the licence is printed in full above; the calibration is numbers
+        if key in (contract.LICENCE, CALIBRATION_KEY, contract.TRAINING_DATA):
+            continue  # the licence is printed in full above; the calibration is numbers; the data below
         click.echo(f"  {key}: {value if len(value) < 100 else value[:97] + '...'}")

@@ -283,8 +283,8 @@ def test_index_info_text(ws: Workspace) -> None:
     no_traceback(proc)
     assert proc.returncode == EXIT_OK, proc.stderr
     fields = dict(line.strip().split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
-    assert fields["cases"] == str(len(ws.good))
-    assert fields["model_fingerprint"] == load_model().fingerprint
+    assert fields["cases"].startswith(f"{len(ws.good)} (")
+    assert f"(fingerprint {load_model().fingerprint[:12]})" in fields["model"]
 
 
 def test_index_remove(ws: Workspace) -> None:
@@ -440,7 +440,8 @@ def test_info_json() -> None:
     assert Path(data["model"]["path"]).resolve() == model.path.resolve()
     assert "CPUExecutionProvider" in data["providers"]["in_use"]
     assert data["packages"]["fundus-sdk"] == fundus_sdk.__version__
-    assert data["metadata"]["model.fingerprint"] == model.fingerprint
+    assert data["metadata"]["model.fingerprint"] == model.weights_fingerprint  # the exporter's: the weights alone
+    assert data["model"]["weights_fingerprint"] == model.weights_fingerprint != model.fingerprint
 
 
 COMMANDS = [[], ["embed"], ["index"], ["index", "create"], ["index", "add"], ["index", "info"],
@@ -697,3 +698,13 @@ def test_an_interrupted_add_says_how_many_cases_it_kept(ws: Workspace, monkeypat
     monkeypatch.setattr(Index, "add", add_two_then_interrupt)
     result = CliRunner().invoke(main, ["index", "add", str(index), *map(str, ws.good[:4])])
     assert result.exit_code == 130 and "interrupted: 2 cases were committed before it and are kept" in result.output
+
+
+def test_info_texts_speak_to_users_not_developers(ws: Workspace) -> None:
+    proc = run("index", "info", ws.index)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    for internal in ("generation", "vectors_generation", "{", "vectors_sha256", "connectivity"):
+        assert internal not in proc.stdout, proc.stdout
+    assert "cases:" in proc.stdout and "grade 0" in proc.stdout and "photo paths: absolute" in proc.stdout
+    model = run("info")
+    assert "../shared" not in model.stdout and "trained on:  eyepacs256 (" in model.stdout
