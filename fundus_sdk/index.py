@@ -1381,33 +1381,49 @@ class Index:
         where: Where | None = None,
         exclude: Where | None = None,
         check: bool = True,
+        on_error: OnError = "raise",
     ) -> BatchHits:
         """The k most similar cases for each of several queries (images, or a 2-D array of
-        vectors), in query order; the filter is computed once for all. See `search`."""
+        vectors), in query order; the filter is computed once for all. See `search`.
+
+        on_error: "raise" (default) raises the first query that cannot be read or is not a fundus
+        photograph; "skip" warns and answers the others (the bad query's hits are empty); a
+        callable receives each such ImageError instead of the warning."""
         self.refresh()
         allowed = self._filter_keys(where, exclude) if (where or exclude) else None
         vecs = self._vectors_given(queries)
         if vecs is None:
-            vecs, _ = self.embed_queries(as_list(queries), check)
+            vecs, _ = self.embed_queries(as_list(queries), check, on_error)
         vecs = np.atleast_2d(vecs)
+        answered = np.flatnonzero(np.isfinite(vecs).all(axis=1))
+        results: list[list[Hit]] = [[] for _ in vecs]
         if allowed is None:  # one batched search (usearch runs it on every core)
-            return BatchHits([self._hits(keys, sims) for keys, sims in self._nearest(vecs, k)])
-        return BatchHits([self._search_one(v, k, allowed) for v in vecs])
+            for i, (keys, sims) in zip(answered, self._nearest(vecs[answered], k) if len(answered) else []):
+                results[i] = self._hits(keys, sims)
+        else:
+            for i in answered:
+                results[i] = self._search_one(vecs[i], k, allowed)
+        return BatchHits(results)
 
-    def embed_queries(self, queries: list[ImageInput], check: bool = True) -> tuple[np.ndarray, list[Verdict | None]]:
+    def embed_queries(
+        self, queries: list[ImageInput], check: bool = True, on_error: OnError = "raise"
+    ) -> tuple[np.ndarray, list[Verdict | None]]:
         """The vectors `search` uses for image queries, with the input gate's verdicts.
 
-        With `check`, a query that is not a colour fundus photograph raises NotFundusError and
-        an ungradable one warns (UngradableWarning); an unreadable one raises its ImageError.
+        With `check`, a query that is not a colour fundus photograph is a NotFundusError and an
+        ungradable one warns (UngradableWarning); an unreadable one is its ImageError. Errors go
+        to `on_error` (see `search_batch`); a failed query's row is NaN.
         """
-        vecs = np.zeros((len(queries), self.dim), np.float32)
+        failed = error_policy(on_error)
+        vecs = np.full((len(queries), self.dim), np.nan, np.float32)
         verdicts: list[Verdict | None] = [None] * len(queries)
         for batch in self.model.iter_embed(queries, check=check):
             for err in batch.errors:
-                raise err
+                failed(err)
             for i, vec, verdict in zip(batch.positions, batch.vectors, batch.verdicts):
                 if verdict is not None and not verdict.fundus:
-                    raise NotFundusError(queries[i], verdict)
+                    failed(NotFundusError(queries[i], verdict))
+                    continue
                 if verdict is not None and not verdict.gradable:
                     warnings.warn(f"{describe(queries[i])}: {verdict.summary()}", UngradableWarning, stacklevel=3)
                 vecs[i], verdicts[i] = vec, verdict

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_output
-from .errors import ImageError
+from .errors import ImageError, OnError, error_policy
 from .explain import Explanation
 from .filters import Where
 from .index import Hit, Index, photo_of
@@ -181,16 +181,25 @@ def report(
     where: Where | None = None,
     exclude: Where | None = None,
     check: bool = True,
+    on_error: OnError = "raise",
 ) -> Report:
     """Search `index` for each query image (as `Index.search`, gate included) and explain the results.
 
     The index's model must have the attention output (`Model.explains`; the bundled one has).
+    A query that cannot be read or is not a fundus photograph goes to `on_error` ("raise", the
+    default; "skip" warns and reports the others; or a callable), never into the report.
     """
     if not isinstance(index, Index):
         with Index.open(index, read_only=True) as ix:
-            return report(queries, ix, k=k, where=where, exclude=exclude, check=check)
-    items = as_list(queries)
-    return Report.build(index, [(q, index.search(q, k=k, where=where, exclude=exclude, check=check)) for q in items])
+            return report(queries, ix, k=k, where=where, exclude=exclude, check=check, on_error=on_error)
+    failed = error_policy(on_error)
+    results = []
+    for query in as_list(queries):
+        try:
+            results.append((query, index.search(query, k=k, where=where, exclude=exclude, check=check)))
+        except ImageError as err:
+            failed(err)
+    return Report.build(index, results)
 
 
 # -- rendering helpers ----------------------------------------------------------------------------

@@ -174,3 +174,17 @@ def test_a_case_whose_photo_was_replaced_is_not_shown_as_that_case(tmp_path, mod
     replaced = by_path[str(copies[1])]
     assert replaced.explanation is None and replaced.problem == f"the photo at {copies[1]} changed since it was indexed"
     assert f"photo not available: the photo at {copies[1]} changed since it was indexed" in report.to_html()
+
+
+def test_one_bad_query_in_a_batch_is_named_and_the_others_answered(cases, queries):
+    grey = np.full((300, 300, 3), 128, np.uint8)
+    with fundus_sdk.Index.open(cases, read_only=True) as ix:
+        with pytest.raises(fundus_sdk.NotFundusError):
+            ix.search_batch([queries[0], grey], k=3)
+        errors = []
+        hits = ix.search_batch([queries[0], grey, queries[1]], k=3, on_error=errors.append)
+        assert [len(h) for h in hits] == [3, 0, 3] and len(errors) == 1 and "<ndarray>" in str(errors[0])
+        assert [h.key for h in hits[2]] == [h.key for h in ix.search(queries[1], k=3)]
+        with pytest.warns(UserWarning, match="skipped <ndarray>"):
+            explained = fundus_sdk.report([grey, queries[0]], ix, k=2, on_error="skip")
+        assert [q.query.name for q in explained.queries] == [str(queries[0])]
