@@ -425,11 +425,16 @@ def add_inputs(
         plain = [f.path if isinstance(f, Frame) else f for f in files]  # labels name files, not frames
         keep, meta = label_metadata(plain, labels, folders, allow_unlabelled, failed, ix.scale, ungraded)
         with progress(len(keep), "adding", quiet) as advance:
-            added += ix.add(
+            keys = ix.add(
                 [files[i] for i in keep], [meta[i] for i in keep], on_error=failed, on_conflict=conflict,
                 batch_size=batch_size, commit_seconds=COMMIT_SECONDS, progress=advance, check=not no_check,
                 keep_identifiers=keep_identifiers,
             )  # fmt: skip
+        first: dict[int, Path | Frame] = {}
+        for i, key in zip(keep, keys):
+            if key is not None and first.setdefault(key, files[i]) is not files[i]:
+                click.echo(f"note: {files[i]} is the same photo as {first[key]} (same content): one case, key {key}", err=True)
+        added += keys
 
 
 def absolute(item: Path | Frame) -> str:
@@ -557,7 +562,11 @@ def index_remove(directory, cases) -> None:
       fundus-sdk index remove cases/ 12 13 photos/p7_left.jpg
     """
     with Index.open(directory) as ix:
-        removed = ix.remove([case_ref(c) for c in cases])
+        refs = [case_ref(c) for c in cases]
+        absent = [c for c, ref in zip(cases, refs) if not ix.holds(ref)]
+        removed = ix.remove(refs)
+    for case in absent:
+        click.echo(f"not removed {case}: no such case in {directory}", err=True)
     click.echo(f"removed {removed} of {len(cases)} cases")
     if removed < len(cases):
         sys.exit(Exit.PARTIAL)
@@ -707,7 +716,8 @@ def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_
         filters, leave_out = conditions_to_where(where), conditions_to_where(exclude)
     except FilterError as exc:
         raise click.BadParameter(str(exc), param_hint="--where/--exclude") from None
-    failures = 0
+    queries, missing = gather(images, recursive=False)  # a folder of query photos, as embed and add take
+    failures = len(missing)
     results = []
     with runtime.open(index_dir, read_only=True) as ix:
         if (html_out or png_out) and not ix.model.explains:
@@ -722,7 +732,7 @@ def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_
                 click.echo(f"error: no case matches {filter_text(where, exclude)}; {known_values(ix, [*filters, *leave_out])}",
                            err=True)  # fmt: skip
                 sys.exit(Exit.PARTIAL)
-        for image in images:
+        for image in queries:
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", UngradableWarning)
@@ -734,7 +744,7 @@ def search(images, index_dir, k, where, exclude, html_out, png_out, runtime, no_
                 failures += 1
                 continue
             hits = ix.search(vecs[0], k=k, where=filters or None, exclude=leave_out or None)
-            results.append((image, verdicts[0], hits))
+            results.append((str(image), verdicts[0], hits))
         if (html_out or png_out) and results:
             write_reports(Report.build(ix, [(q, hits) for q, _, hits in results]), html_out, png_out)
     if as_json:

@@ -934,6 +934,10 @@ class Index:
 
     # -- reading cases -------------------------------------------------------------------------
 
+    def holds(self, ref: CaseRef) -> bool:
+        """Whether a case named by key, sha256 or photo path is in the index."""
+        return self._key_of(ref) is not None
+
     def get(self, ref: CaseRef) -> Case:
         """The case named by its key, sha256 or photo path; KeyError when the index has none."""
         key = self._key_of(ref)

@@ -708,3 +708,22 @@ def test_info_texts_speak_to_users_not_developers(ws: Workspace) -> None:
     assert "cases:" in proc.stdout and "grade 0" in proc.stdout and "photo paths: absolute" in proc.stdout
     model = run("info")
     assert "../shared" not in model.stdout and "trained on:  eyepacs256 (" in model.stdout
+
+
+def test_misses_and_merges_are_named(ws: Workspace) -> None:
+    index = copy_index(ws, "named")
+    present = ws.good[0]
+    proc = run("index", "remove", index, present, "999999", "nowhere.jpg", cwd=ws.root)
+    assert proc.returncode == EXIT_PARTIAL and "removed 1 of 3 cases" in proc.stdout
+    assert "not removed 999999: no such case" in proc.stderr and "not removed nowhere.jpg: no such case" in proc.stderr
+    folder = ws.root / "twice"
+    folder.mkdir()
+    shutil.copyfile(ws.good[1], folder / "a.jpg")
+    shutil.copyfile(ws.good[1], folder / "b.jpg")
+    fresh = ws.root / "fresh"
+    assert run("index", "create", fresh).returncode == EXIT_OK
+    added = run("index", "add", fresh, folder)
+    assert f"note: {folder / 'b.jpg'} is the same photo as {folder / 'a.jpg'} (same content): one case" in added.stderr
+    searched = run("search", folder, "--index", ws.index, "-k", 1, "--json")  # a folder of queries, as embed takes
+    assert searched.returncode == EXIT_OK, searched.stderr
+    assert [q["query"] for q in json.loads(searched.stdout)] == [str(folder / "a.jpg"), str(folder / "b.jpg")]
