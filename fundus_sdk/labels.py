@@ -84,6 +84,17 @@ class Scale:
 
 
 ICDR = Scale(0, 4)  # the default: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 proliferative DR
+ICDR_NAMES = ("no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR")
+
+
+def grade_name(grade: int | None, scale: Scale = ICDR) -> str:
+    """A grade as a clinician reads it: "2 - moderate NPDR" on ICDR, the name on a named scale,
+    the number otherwise; "ungraded" for None."""
+    if grade is None:
+        return "ungraded"
+    if scale.names:
+        return scale.names[grade - scale.low]
+    return f"{grade} - {ICDR_NAMES[grade]}" if scale == ICDR and grade in ICDR else str(grade)
 GRADES = ICDR.values
 
 

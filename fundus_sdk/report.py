@@ -29,11 +29,16 @@ from .explain import Explanation
 from .filters import Where
 from .index import Hit, Index, photo_of
 from .inputs import ImageInput
+from .labels import ICDR, Scale, grade_name
 from .model import Model, as_list
 
 DISCLAIMER = "A retrieval aid, not a diagnostic device."
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # nothing leaves the file
-HIDDEN = ("gradability",)  # metadata shown otherwise (the score, the gate) or internal
+HIDDEN = ("gradability", "split")  # metadata shown otherwise (the score, the gate) or internal to a data set
+HEATMAP_NOTE = (
+    "The heatmap shows where inside the field of view the model gathered the evidence for its match (bright = "
+    "more). It is not a lesion map: it marks no findings, and a dark area is not a healthy one."
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class Report:
     priors: dict[int, float]  # share of each grade among the index's graded cases
     queries: list[QueryReport]
     created: str
+    scale: Scale = ICDR  # the index's grading scale, for grade names
 
     @classmethod
     def build(cls, index: Index, results: Sequence[tuple[ImageInput, list[Hit]]]) -> "Report":
@@ -83,7 +89,7 @@ class Report:
             out.append(QueryReport(explained, explain_cases(model, hits)))
         return cls(
             model.name, str(index.path), len(index), {g: n / total for g, n in graded.items()} if total else {}, out,
-            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), index.scale,
         )  # fmt: skip
 
     def to_html(self) -> str:
@@ -91,8 +97,9 @@ class Report:
         body = "\n".join(self._query_html(q, i) for i, q in enumerate(self.queries, 1))
         return PAGE.format(
             csp=CSP, title=esc(f"fundus-sdk report: {len(self.queries)} {'query' if len(self.queries) == 1 else 'queries'}"),
-            disclaimer=esc(DISCLAIMER), model=esc(self.model), index=esc(self.index), cases=self.cases,
+            disclaimer=esc(DISCLAIMER), model=esc(self.model), index=path_html(self.index), cases=self.cases,
             created=esc(self.created), style=STYLE, body=body,
+            legend=" · ".join(esc(grade_name(g, self.scale)) for g in self.scale.values),
         )  # fmt: skip
 
     def write_html(self, path: str | Path) -> Path:
@@ -129,8 +136,8 @@ class Report:
                 draw.rectangle((x, y, x + tile, y + tile), outline="grey")
                 draw.text((x + 8, y + tile // 2), "photo not available", fill="grey", font=font)
             h = neighbour.hit
-            draw.text((x, y + tile + 4), f"#{n + 1}  grade {grade_text(h.grade)}  score {h.score:.3f}", fill="black", font=font)
-            draw.text((x, y + tile + 22), short(Path(h.path or '').name, 28), fill="dimgrey", font=font)
+            draw.text((x, y + tile + 4), f"#{n + 1}  {grade_name(h.grade, self.scale)}", fill="black", font=font)
+            draw.text((x, y + tile + 22), f"{h.score:.3f}  {short(Path(h.path or '').name, 20)}", fill="dimgrey", font=font)
         draw.text((pad, canvas.height - 40), f"{self.model} · {self.created} · {DISCLAIMER}", fill="black", font=font)
         return canvas
 
@@ -144,15 +151,16 @@ class Report:
         shares = q.grade_shares()
         grades = sorted(set(shares) | set(self.priors))
         bars = "\n".join(
-            f'<tr><td>{g}</td><td><div class="bar top" style="width:{100 * shares.get(g, 0):.1f}%"></div>'
+            f'<tr><td>{esc(grade_name(g, self.scale))}</td><td><div class="bar top" style="width:{100 * shares.get(g, 0):.1f}%"></div>'
             f'{100 * shares.get(g, 0):.0f}%</td><td><div class="bar prior" style="width:{100 * self.priors.get(g, 0):.1f}%">'
             f"</div>{100 * self.priors.get(g, 0):.0f}%</td></tr>"
             for g in grades
         ) or '<tr><td colspan="3">no graded cases</td></tr>'
-        cards = "\n".join(case_html(rank, n) for rank, n in enumerate(q.neighbours, 1))
+        cards = "\n".join(case_html(rank, n, self.scale, n.hit.sha256 == q.query.sha256) for rank, n in enumerate(q.neighbours, 1))
         return QUERY.format(
-            number=number, name=esc(q.query.name), photo=data_uri(q.query.photo, 360), heat=data_uri(q.query.overlay(), 360),
-            verdict=esc(verdict_text(q.query)), k=len(q.neighbours), bars=bars, cards=cards,
+            number=number, name=path_html(q.query.name), photo=data_uri(q.query.photo, 360),
+            heat=data_uri(q.query.overlay(), 360), note=esc(HEATMAP_NOTE), verdict=esc(verdict_text(q.query)),
+            k=len(q.neighbours), bars=bars, cards=cards,
         )  # fmt: skip
 
 
@@ -213,10 +221,6 @@ def short(text: str, n: int) -> str:
     return text if len(text) <= n else "..." + text[-(n - 3) :]
 
 
-def grade_text(grade: int | None) -> str:
-    return "-" if grade is None else str(grade)
-
-
 def square(image: Image.Image, side: int) -> Image.Image:
     """The image scaled (up or down) to fit a side x side square, aspect kept, centred on black."""
     scale = side / max(image.size)
@@ -247,7 +251,12 @@ def verdict_text(explained: Explanation) -> str:
     )
 
 
-def case_html(rank: int, n: Neighbour) -> str:
+def path_html(path: str) -> str:
+    """A path that wraps at its separators in a narrow card."""
+    return esc(path).replace("/", "/<wbr>").replace("\\", "\\<wbr>")
+
+
+def case_html(rank: int, n: Neighbour, scale: Scale, is_query: bool = False) -> str:
     h = n.hit
     details = " · ".join(f"{esc(k)}: {esc(v)}" for k, v in h.metadata.items() if k not in HIDDEN and k != "eye")
     if n.explanation is not None:
@@ -258,8 +267,9 @@ def case_html(rank: int, n: Neighbour) -> str:
     else:
         pictures = f'<div class="missing">photo not available: {esc(n.problem)}</div>'
     return CARD.format(
-        rank=rank, pictures=pictures, grade=esc(grade_text(h.grade)), score=f"{h.score:.3f}",
-        eye=esc(h.metadata.get("eye", "-")), path=esc(h.path or "-"), key=h.key, details=details,
+        rank=rank, pictures=pictures, grade=esc(grade_name(h.grade, scale)), score=f"{h.score:.3f}",
+        eye=esc(h.metadata.get("eye", "-")), path=path_html(h.path or "-"), key=h.key, details=details,
+        itself='<div class="itself">This is the query photo itself: it is already in the index.</div>' if is_query else "",
     )  # fmt: skip
 
 
@@ -273,7 +283,9 @@ section.query { border-top: 1px solid #bbb; padding-top: 1em; margin-top: 1.5em;
 .card { border: 1px solid #ccc; padding: 6px; width: 368px; font-size: 0.9em; }
 .card img.case { width: 180px; height: 180px; object-fit: contain; background: #000; }
 .missing { height: 180px; display: flex; align-items: center; color: #888; }
-.path { color: #555; word-break: break-all; }
+.path { color: #555; overflow-wrap: anywhere; }
+.itself { font-weight: bold; color: #1c4f8a; }
+.note { max-width: 728px; color: #444; }
 table.grades td { padding: 1px 8px; width: 14em; }
 table.grades td:first-child { width: 3em; }
 .bar { display: inline-block; height: 0.8em; margin-right: 6px; vertical-align: middle; }
@@ -294,6 +306,7 @@ PAGE = """<!DOCTYPE html>
 <p class="disclaimer">{disclaimer}</p>
 <p>Model <b>{model}</b> · index {index} ({cases} cases) · {created}</p>
 <p>Heatmaps: where the model's mirror attention fell inside the field of view (bright = more).</p>
+<p class="legend">Grades (ICDR where numbered): {legend}</p>
 </header>
 {body}
 </body>
@@ -303,6 +316,7 @@ PAGE = """<!DOCTYPE html>
 QUERY = """<section class="query">
 <h2>Query {number}: <span class="path">{name}</span></h2>
 <div class="pair"><img class="query" alt="query photo" src="{photo}"><img class="query heat" alt="query heatmap" src="{heat}"></div>
+<p class="note">{note}</p>
 <p class="verdict">{verdict}</p>
 <table class="grades"><tr><th>grade</th><th>top {k}</th><th>index</th></tr>
 {bars}
@@ -313,7 +327,7 @@ QUERY = """<section class="query">
 </section>"""
 
 CARD = """<div class="card">
-<div>{pictures}</div>
+{itself}<div>{pictures}</div>
 <div><b>#{rank}</b> · grade <b>{grade}</b> · score {score} · eye {eye} · case {key}</div>
 <div class="path">{path}</div>
 <div class="details">{details}</div>

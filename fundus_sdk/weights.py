@@ -10,9 +10,9 @@ entries contribute their JSON.
 
 The weights alone do not fix what a model computes: the same weights under other operators (every
 Clip made a Relu) or another input-gate calibration give other vectors or verdicts. `fingerprints`
-also returns the model's whole identity: the weights' fingerprint, then the graph's nodes, inputs
-and outputs and the opset imports as stored, then every metadata entry that changes results
-(RESULT_KEYS). Indexes record that one.
+also returns the model's whole identity: the weights' fingerprint, then the graph's inputs, its
+descriptor output and the nodes that compute it, and the opset imports, as stored, then every
+metadata entry that changes results (RESULT_KEYS). Indexes record that one.
 """
 
 from __future__ import annotations
@@ -108,8 +108,9 @@ def _tensor(buf: memoryview) -> tuple[str, int, list[int], bytes]:
 
 # Metadata entries (by prefix) that change what a model file computes or decides.
 RESULT_KEYS = ("preprocess.", "input.", "normalise.", "labels.", "gate.")
-GRAPH_FIELDS = (1, 11, 12)  # GraphProto: node, input, output
+GRAPH_NODE, GRAPH_INPUT, GRAPH_OUTPUT = 1, 11, 12  # GraphProto fields (NodeProto: 1 input, 2 output names)
 OPSET_FIELD = 8  # ModelProto: opset_import
+EMBEDDING = "embedding"  # the descriptor output (fundus_sdk.contract.OUTPUT_NAME)
 
 
 def fingerprints(path: str | Path, metadata: Mapping[str, str]) -> tuple[str, str]:
@@ -130,8 +131,29 @@ def fingerprints(path: str | Path, metadata: Mapping[str, str]) -> tuple[str, st
     h.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k.startswith("preprocess."))).encode())
     weights = h.hexdigest()
     whole = hashlib.sha256(weights.encode())
-    for number, wire, value in [*((n, w, v) for n, w, v in fields if n in GRAPH_FIELDS), *((n, w, v) for n, w, v in top if n == OPSET_FIELD)]:
-        raw = bytes(value) if wire == 2 else str(value).encode()
-        whole.update(number.to_bytes(1, "little") + len(raw).to_bytes(8, "little") + raw)
+    parts = [*descriptor_graph(fields), *(bytes(v) for n, w, v in top if n == OPSET_FIELD and w == 2)]
+    for raw in parts:
+        whole.update(len(raw).to_bytes(8, "little") + raw)
     whole.update(json.dumps(sorted((k, v) for k, v in metadata.items() if k.startswith(RESULT_KEYS))).encode())
     return weights, whole.hexdigest()
+
+
+def _strings(buf: memoryview, number: int) -> list[str]:
+    return [bytes(v).decode() for n, w, v in _fields(buf) if n == number and w == 2]
+
+
+def descriptor_graph(fields: list[tuple[int, int, int | memoryview]]) -> list[bytes]:
+    """The stored bytes of what computes the descriptor: the graph's inputs, its `embedding` output
+    and every node it depends on, in graph order. The attention map's nodes and output are left
+    out: they change the heatmap, never a vector (`python -m export.explain` adds them)."""
+    nodes = [v for n, w, v in fields if n == GRAPH_NODE and w == 2]
+    outputs = [v for n, w, v in fields if n == GRAPH_OUTPUT and w == 2]
+    wanted = {name for out in outputs for name in _strings(out, 1) if name == EMBEDDING}
+    needed = [False] * len(nodes)
+    for i in range(len(nodes) - 1, -1, -1):  # a node comes after what it reads (ONNX keeps graphs sorted)
+        if wanted & set(_strings(nodes[i], 2)):
+            needed[i] = True
+            wanted |= set(_strings(nodes[i], 1))
+    inputs = [bytes(v) for n, w, v in fields if n == GRAPH_INPUT and w == 2]
+    chosen = [bytes(out) for out in outputs if EMBEDDING in _strings(out, 1)]
+    return inputs + chosen + [bytes(node) for node, keep in zip(nodes, needed) if keep]

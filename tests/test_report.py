@@ -188,3 +188,15 @@ def test_one_bad_query_in_a_batch_is_named_and_the_others_answered(cases, querie
         with pytest.warns(UserWarning, match="skipped <ndarray>"):
             explained = fundus_sdk.report([grey, queries[0]], ix, k=2, on_error="skip")
         assert [q.query.name for q in explained.queries] == [str(queries[0])]
+
+
+def test_the_report_speaks_to_a_clinician(tmp_path, model, queries):
+    with fundus_sdk.Index.create(tmp_path / "cases", model=model) as ix:
+        ix.add(queries, metadata=[{"grade": 2, "split": "train"}, {"grade": 3, "split": "train"}])
+        page = fundus_sdk.report(queries[0], ix, k=2).to_html()
+    text = re.sub(r"data:image/[^\"]+", "", page)
+    assert "2 - moderate NPDR" in text and "3 - severe NPDR" in text and "4 - proliferative DR" in text  # cards, legend
+    assert "split" not in text
+    assert "This is the query photo itself: it is already in the index." in text and text.count('class="itself"') == 1
+    assert "It is not a lesion map" in text
+    assert "/<wbr>" in text
