@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=LOSSES, default=TrainConfig.loss)
     t.add_argument("--seed", type=int, default=TrainConfig.seed, help="initialisation, batch sampling, view choice")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--no-validate", action="store_true",
+                   help="no validation: the last epoch is kept (ablations compare runs like this)")
     t.add_argument("--stop-after", type=int, default=TrainConfig.stop_after, help="stop after N epochs of this invocation (then --resume)")
     a = sub.add_parser(
         "ablate",
@@ -158,6 +160,7 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, ModelConfig]:
     cfg = TrainConfig(
         **{f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts},
         pretrained=not opts.get("no_pretrained", False),
+        validate=not opts.get("no_validate", False),
         preprocess=Preprocess(recipe=args.recipe),
     )
     return cfg, replace(model_cfg, num_classes=len(cfg.scale))  # one grade-head class per grade
