@@ -74,7 +74,7 @@ def measure_photos(
 
 def calibrate_model(
     model_path: str | Path,
-    data: str | Path,
+    data: str | Path | list[str | Path],
     output: str | Path | None = None,
     limit: int = 2400,
     raw: int = 600,
@@ -92,7 +92,8 @@ def calibrate_model(
     rng = np.random.default_rng(0)
     try:
         model = Model.load(model_path, providers="cpu")
-        config = TrainConfig(data=str(data), labels=model.scale.spec, data_seed=data_seed, val_fraction=val_fraction)
+        sources = [str(d) for d in data] if isinstance(data, (list, tuple)) else str(data)
+        config = TrainConfig(data=sources, labels=model.scale.spec, data_seed=data_seed, val_fraction=val_fraction)
         fit, held, _ = split_records(config)
         if not held:
             raise ExportError(f"{data}: no validation photos; the limits need photos the model did not learn from")
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="the .onnx model file")
-    p.add_argument("--data", required=True, help="the training data: labels.csv, its folder, or grade folders")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="the training data: labels.csv, its folder, or grade folders; several, as the model was trained")
     p.add_argument("-o", "--output", help="write the calibrated model here instead of in place")
     p.add_argument("--limit", type=int, default=2400, help="training photos the distribution is fitted on")
     p.add_argument("--raw", type=int, default=600, help="of them, how many also as a simulated raw-camera copy")
