@@ -25,6 +25,8 @@ pq = require("pyarrow.parquet", extra="ray")
 from fundus_sdk.cluster import ClusterError, embed_on_ray, list_photos, read_shards  # noqa: E402
 from fundus_sdk.embeddings import SHARD_FINGERPRINT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # starts a local Ray cluster: the full suite's tier (pytest -m 'not slow' leaves it out)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():

@@ -17,6 +17,8 @@ import pytest
 import fundus_sdk
 from tests.shared import EYEPACS, REPO, eyepacs_rows, eyepacs_sample, require, require_eyepacs
 
+pytestmark = pytest.mark.slow  # runs the examples end to end: the full suite's tier (pytest -m 'not slow' leaves it out)
+
 EXAMPLES = REPO / "examples"
 BIN = Path(sys.executable).parent  # where this environment's `fundus-sdk` script lives
 ROW = re.compile(r"^\s*(\d+)\s+(-?\d\.\d{3})\s+(\d|-)\s+(?:(\d+)\s+)?(\S+)\s*$")  # rank score grade [key] path
@@ -164,7 +166,6 @@ def test_retrain_and_export_help(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "Usage" in proc.stdout and "TRAIN_ARGS" in proc.stdout
 
 
-@pytest.mark.slow
 def test_retrain_and_export_smallest_budget(tmp_path: Path) -> None:
     """Train for one epoch on 64 photos, export, and use the new model file (about 2 minutes)."""
     require("torch")
@@ -206,7 +207,6 @@ def test_train_default_model_help(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "Usage" in proc.stdout and "0.3.0" in proc.stdout
 
 
-@pytest.mark.slow
 def test_train_default_model_smallest_budget(tmp_path: Path) -> None:
     """The default model's whole recipe on 64 photos, one epoch a run at 128 px: three runs, two
     exports, the ensemble, its measurement through the runtime and its gate (a few minutes)."""

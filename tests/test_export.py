@@ -16,7 +16,7 @@ import csv
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ from fundus_sdk.model import default_model_path, load_model
 from fundus_sdk.preprocess import Preprocess
 from training.checkpoint import load_checkpoint
 from training.model import ExportModule, FundusNet, ModelConfig
+
+pytestmark = pytest.mark.slow  # exports networks to ONNX and verifies them: the full suite's tier (pytest -m 'not slow' leaves it out)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelConfig(backbone="test_efficientnet", input_size=128, dim=32, frozen_blocks=2)
@@ -107,6 +109,15 @@ def tiny(tmp_path_factory, eyepacs_dir: Path):
 
 
 @pytest.fixture(scope="module")
+def masked(tmp_path_factory, eyepacs_dir: Path):
+    """(checkpoint, ExportReport) of a tiny random model whose attention is masked to the field of view."""
+    root = tmp_path_factory.mktemp("masked")
+    config = replace(TINY, frozen_blocks=0, attention_mask="fov")
+    ckpt = save_checkpoint(root / "masked.pt", trained_like(config, pretrained=False))
+    return ckpt, export_checkpoint(ckpt, root / "masked.onnx", verify_images=eyepacs_dir / "images", name="m", version="9.9.9")
+
+
+@pytest.fixture(scope="module")
 def lite0(tmp_path_factory, eyepacs_dir: Path):
     """(checkpoint, fp32 ExportReport, int8 ExportReport) of pretrained Lite0 with a test report."""
     root = tmp_path_factory.mktemp("lite0")
@@ -129,7 +140,7 @@ def torch_module(ckpt: Path) -> ExportModule:
     return ExportModule(net).eval()
 
 
-@pytest.mark.parametrize("which", ["tiny", "lite0"])
+@pytest.mark.parametrize("which", ["tiny", "masked", "lite0"])
 def test_onnx_matches_torch_per_image_on_photos(which, request, photos):
     ckpt, report = request.getfixturevalue(which)[:2]
     sess = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
@@ -148,6 +159,12 @@ def test_onnx_matches_torch_per_image_on_photos(which, request, photos):
     np.testing.assert_allclose(maps, expected_maps, atol=1e-5)
     np.testing.assert_allclose(maps.reshape(len(maps), -1).sum(axis=1), 1.0, atol=1e-5)
     assert maps.max() > 1.1 / maps[0].size and np.abs(maps[0] - maps[1]).max() > 1e-3  # not uniform, not all alike
+    if which == "masked":  # the graph derives the field of view from its input: nothing outside it is attended to
+        side = maps.shape[-1]
+        cell = x.shape[1] // side
+        surround = (x == 128).all(axis=3)
+        touched = surround.reshape(len(x), side, cell, side, cell).mean(axis=(2, 4)) > 0.05  # a run of surround, not a lone grey pixel
+        assert touched.any() and maps[touched].max() < 1e-6
 
 
 def ckpt_side(ckpt: Path) -> int:

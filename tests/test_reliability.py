@@ -216,6 +216,7 @@ print("reader done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_soak_writers_readers_and_a_killer_on_one_index(tmp_path, model):
     """Three writers, two readers and kill -9 of one writer, for a fixed number of rounds:
     afterwards every confirmed add is found, every confirmed remove is gone, rows == vectors."""

@@ -91,6 +91,7 @@ def test_a_model_without_the_attention_output_loads_but_cannot_explain(tmp_path,
     assert refused.returncode == Exit.FATAL and "already has an output 'attention'" in refused.stderr
 
 
+@pytest.mark.slow
 def test_html_report_renders_in_chromium_offline(tmp_path, cases, queries):
     report = fundus_sdk.report(queries, cases, k=K)
     out = report.write_html(tmp_path / "report.html")
@@ -114,6 +115,7 @@ def test_html_report_renders_in_chromium_offline(tmp_path, cases, queries):
             assert f"score {n.hit.score:.3f}" in section and f"patient: {n.hit.metadata['patient']}" in section
 
 
+@pytest.mark.slow
 def test_the_browser_check_sees_a_network_request(tmp_path):
     """The harness itself: a page that fetches an image over the network is caught."""
     page = tmp_path / "leaky.html"

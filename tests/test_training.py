@@ -17,16 +17,18 @@ from PIL import Image
 
 from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
-from tests.shared import FIXTURES, eyepacs_sample
+from tests.shared import FIXTURES, REPO, eyepacs_sample
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.data import LabelError, read_labels
+from training.config import TrainConfig, split_records
+from training.data import BalancedBatches, LabelError, read_labels
 from training.evaluate import embed_members, evaluate, sweep_weights
 from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, ordinal_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
 from training.probe import auc, linear_probe
 from training.train import train
 from training.weights import WeightsUnavailable, imagenet_state_dict
+
+pytestmark = pytest.mark.slow  # trains networks with torch: the full suite's tier (pytest -m 'not slow' leaves it out)
 
 
 def photo_batch(n: int = 2) -> torch.Tensor:
@@ -246,7 +248,8 @@ def test_command_line_defaults_are_the_configs_defaults_and_every_option_reaches
     assert replace(cfg, out=expected.out) == expected
     # an option whose name is no config field would be dropped silently by configs()
     field_names = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(ModelConfig)}
-    handled_elsewhere = {"command", "config", "recipe", "no_pretrained", "resume", "variants", "seeds", "checkpoint"}
+    handled_elsewhere = {"command", "config", "recipe", "no_pretrained", "no_validate", "resume", "variants", "seeds",
+                         "checkpoint"}  # fmt: skip
     assert set(vars(args)) - field_names <= handled_elsewhere
 
 
@@ -467,3 +470,64 @@ def test_every_kept_checkpoint_loads_builds_its_network_and_is_listed():
         assert "optimizer" not in ckpt.state, f"{path.name}: keep weights only"
         net = ckpt.network()
         assert sum(p.numel() for p in net.parameters()) > 0 and ckpt.state["validation"]["micro"]["mHR"] > 0
+
+
+def cells_wholly_inside(fov: np.ndarray, side: int) -> np.ndarray:
+    cell = fov.shape[-1] // side
+    return fov.reshape(len(fov), side, cell, side, cell).all(axis=(2, 4)).reshape(len(fov), -1)
+
+
+def test_the_fov_mask_keeps_the_attention_on_cells_wholly_inside_the_field_of_view():
+    pp = Preprocess()
+    prepared = [pp.prepare(pp.decode(p)) for p, _ in eyepacs_sample(4)]
+    images = torch.from_numpy(np.stack([p.pixels for p in prepared]))
+    inside = torch.from_numpy(cells_wholly_inside(np.stack([p.fov for p in prepared]), 8))
+    shares = {}
+    for mask in ("none", "fov"):
+        torch.manual_seed(0)
+        net = FundusNet(ModelConfig(input_size=256, frozen_blocks=0, attention_mask=mask), pretrained=True).eval()
+        with torch.no_grad():
+            maps = net.attention_map(net.normalise(images)).flatten(1)
+        torch.testing.assert_close(maps.sum(dim=1), torch.ones(len(maps)))
+        shares[mask] = (maps * inside).sum(dim=1)
+    assert shares["fov"].min() > 0.999 and shares["none"].max() < 0.99  # unmasked, the rim draws attention too
+    with pytest.raises(ValueError, match="needs frozen_blocks=0"):
+        ModelConfig(attention_mask="fov", frozen_blocks=4)
+
+
+def test_weighted_sources_are_drawn_as_often_as_their_weight_says():
+    labels = np.array([0] * 100 + [0] * 10)
+    weights = np.array([1.0] * 100 + [3.0] * 10)
+    drawn = np.concatenate(list(BalancedBatches(labels, 20, 60, seed=0, weights=weights)))
+    second = (drawn >= 100).mean()
+    assert abs(second - 30 / 130) < 0.03  # 10 photos x 3 against 100 x 1
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory) -> Path:
+    """A small IDRiD label file: another camera, its own official split."""
+    idrid = REPO.parent / "shared" / "data" / "idrid"
+    if not idrid.is_dir():
+        pytest.fail(f"{idrid}: the IDRiD photos are missing (CI has them beside the checkout)")
+    with open(idrid / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    chosen = [r for r in rows if r["split"] == "train"][:12] + [r for r in rows if r["split"] == "test"][:4]
+    out = [{"image": str(idrid / "images" / r["image"]), "grade": r["grade"], "split": r["split"]} for r in chosen]
+    return write_csv(tmp_path_factory.mktemp("idrid") / "labels.csv", out, ["image", "grade", "split"])
+
+
+def test_two_sources_train_together_each_split_and_validated_on_its_own(tiny_data, second_source, tmp_path):
+    cfg = replace(tiny_config(tiny_data, tmp_path / "two", tmp_path / "cache"), data=[str(tiny_data), str(second_source)],
+                  source_weights=[1.0, 3.0], epochs=2, batches_per_epoch=2, val_fraction=0.25)  # fmt: skip
+    fit, val, test = split_records(cfg)
+    names = {r.source for r in fit}
+    assert len(names) == 2 and {r.source for r in val} == names
+    second = [n for n in names if n != tiny_data.parent.name][0]
+    assert sum(r.source == second for r in test) == 4 and all(r.split == "train" for r in fit + val)
+    assert not {r.patient for r in fit} & {r.patient for r in val}
+    best = train(cfg, ModelConfig(dim=32, input_size=96, frozen_blocks=0, attention_mask="fov"))
+    ckpt = load_checkpoint(best)
+    assert set(ckpt.state["test"]) == names  # test figures per source
+    log = (tmp_path / "two" / "log.txt").read_text()
+    assert all(f"val {n} mHR@k" in log for n in names)
+    assert ckpt.config.attention_mask == "fov" and ckpt.state["train_config"]["source_weights"] == [1.0, 3.0]
