@@ -853,9 +853,8 @@ class Index:
                 result = change(self._conn, self._vectors)
                 self._conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
                 if self._conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] > self.log_limit:
-                    # written from the stored vectors, never from the in-memory index: usearch <= 2.25
-                    # saves removed slots that abort every later restore (a fresh index has none)
-                    self._vectors = self._vectors_from_sqlite()
+                    if self._vectors.stats.nodes > len(self._vectors):  # removed slots, which usearch 2.25 saves
+                        self._vectors = self._vectors_from_sqlite()  # but cannot read back: a fresh index has none
                     self._snapshot(self._vectors, new)
                 self._conn.execute("COMMIT")
             except BaseException as exc:
