@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .dicom import SUFFIXES as DICOM_SUFFIXES
 from .embeddings import SHARD_FINGERPRINT, SHARD_MODEL
 from .errors import FundusError, ImageError
 from .gate import Signals
-from .inputs import IMAGE_SUFFIXES
+from .inputs import photo_by_name
 from .model import Model, Providers, load_model, provider_name, resolve_providers
 from .preprocess import Preprocess
 
@@ -77,13 +75,8 @@ def list_photos(source: str) -> list[str]:
         return [root]
     found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
 
-    def wanted(path: str) -> bool:
-        name = path.rsplit("/", 1)[-1]
-        suffix = os.path.splitext(name)[1].lower()
-        # no suffix: PACS exports often have none (read, then judged by content)
-        return not name.startswith(".") and (suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or not suffix)
-
-    return sorted(i.path for i in found if i.type == pafs.FileType.File and wanted(i.path))
+    # inputs' rule; a suffix-less file is kept, to be read and judged by its content on the cluster
+    return sorted(i.path for i in found if i.type == pafs.FileType.File and photo_by_name(i.base_name) is not False)
 
 
 def _uri(source: str, path: str) -> str:

@@ -61,8 +61,8 @@ def find_images(
     """Image files named directly, plus those inside the folders given, in a stable order.
 
     Files named directly are kept whatever their suffix (the user asked for them; the content
-    decides); files found in folders are kept when their suffix is one of IMAGE_SUFFIXES or a
-    DICOM suffix, or when they have no suffix and start like a DICOM file (PACS exports).
+    decides); files found in folders are kept by `photo_by_name`, a suffix-less one when it starts
+    like a DICOM file (PACS exports).
     A path that cannot be opened (missing, a dangling symbolic link, a link loop) raises
     FileNotFoundError, or, with `on_missing`, is reported to it and left out. `on_skipped`
     hears of every other file left out of a folder, and of sub-folders not searched, with why.
@@ -96,9 +96,19 @@ def find_images(
     return [f for f in found if not (f in seen or seen.add(f))]
 
 
+def photo_by_name(name: str) -> bool | None:
+    """The one rule for which files in a folder are photos, by name: a raster or DICOM suffix is
+    one, no suffix is for the content to say (PACS exports often have none: None), anything else,
+    and hidden files (".DS_Store", "._photo.jpg"), are not."""
+    if name.startswith("."):
+        return False
+    suffix = os.path.splitext(name)[1].lower()
+    return None if not suffix else suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES
+
+
 def _wanted(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES or (not suffix and looks_like_dicom(path))
+    by_name = photo_by_name(path.name)
+    return by_name if by_name is not None else looks_like_dicom(path)
 
 
 def unopenable_reason(path: Path) -> str:

@@ -97,3 +97,13 @@ def test_avif_is_decoded_like_the_other_raster_formats(tmp_path):
     decoded = decode(path)
     assert decoded.format == "AVIF" and decoded.image.size == Image.open(RETINA).size
     assert path in find_images([tmp_path])
+
+
+def test_one_rule_says_which_files_in_a_folder_are_photos(tmp_path):
+    from fundus_sdk.inputs import photo_by_name
+
+    assert [photo_by_name(n) for n in ("a.JPG", "b.dcm", "IM000123", "notes.txt", "._a.jpg", ".DS_Store")] == [
+        True, True, None, False, False, False]  # fmt: skip
+    (tmp_path / "._a.jpg").write_bytes(RETINA.read_bytes())  # an AppleDouble file beside a copied photo
+    (tmp_path / "a.jpg").write_bytes(RETINA.read_bytes())
+    assert find_images([tmp_path]) == [tmp_path / "a.jpg"]
