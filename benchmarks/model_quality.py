@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import EYEPACS, REPO, print_header
+from benchmarks.common import EYEPACS, REPO, RETINA, print_header
 from fundus_sdk import Model, metrics
 
 IDRID = REPO.parent / "shared" / "data" / "idrid"
@@ -50,6 +50,17 @@ def attention_shares(model: Model, photos: list[Path]) -> np.ndarray:
     return np.array(shares)
 
 
+def heatmap_figure(models: list[Model], photos: list[Path], side: int = 240) -> Image.Image:
+    """Each model's heatmaps over the same photos: a row per model."""
+    rows = [[e.overlay().resize((side, side * e.photo.height // e.photo.width)) for e in m.explain(photos)] for m in models]
+    height = max(t.height for r in rows for t in r)
+    figure = Image.new("RGB", (side * len(photos), height * len(rows)), "black")
+    for y, r in enumerate(rows):
+        for x, tile in enumerate(r):
+            figure.paste(tile, (side * x, height * y))
+    return figure
+
+
 def row(name: str, report: dict) -> str:
     grades = report["per_grade"]["mHR"]
     chance = report["chance"]["per_grade"]["mHR"] if "per_grade" in report["chance"] else {}
@@ -70,7 +81,7 @@ def main() -> None:
     ep_test, ep_test_g = split(EYEPACS, "test")
     id_train, id_train_g = split(IDRID, "train")
     id_test, id_test_g = split(IDRID, "test")
-    results, tiles = {}, []
+    results = {}
     for path in args.models:
         model = Model.load(path)
         print(f"\n{model.name} ({path})")
@@ -92,17 +103,11 @@ def main() -> None:
             print(f"  attention inside the field of view, {name} test ({len(s)} photos): median {np.median(s):.3f} "
                   f"(10th-90th percentile {np.percentile(s, 10):.3f}-{np.percentile(s, 90):.3f})")  # fmt: skip
         results[model.name] = {"reports": reports, "attention_median": {n: float(np.median(s)) for n, s in shares.items()}}
-        if args.figure:
-            shown = [ep_test[3], ep_test[700], id_test[0], id_test[40]]
-            tiles.append([e.overlay().resize((240, 240 * e.photo.height // e.photo.width)) for e in model.explain(shown)])
     if args.figure:
-        h = max(t.height for r in tiles for t in r)
-        figure = Image.new("RGB", (240 * len(tiles[0]), h * len(tiles)), "black")
-        for y, r in enumerate(tiles):
-            for x, t in enumerate(r):
-                figure.paste(t, (240 * x, h * y))
-        figure.save(args.figure, quality=85)
-        print(f"\nwrote {args.figure}: a row per model ({', '.join(results)}); EyePACS test x2, IDRiD test x2")
+        shown = [RETINA, *id_test[:: len(id_test) // 3][:3]]  # photos that may be published (CC0, CC BY): never EyePACS
+        heatmap_figure([Model.load(p) for p in args.models], shown).save(args.figure, quality=85)
+        print(f"\nwrote {args.figure}: a row per model ({', '.join(results)}); scikit-image's retina (CC0), 3 IDRiD test "
+              "photos (CC BY 4.0, Porwal et al. 2018)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
