@@ -236,4 +236,6 @@ def test_train_default_model_smallest_budget(tmp_path: Path) -> None:
     assert model.metrics() == json.loads((out / "metrics.json").read_text())
     assert model.metrics()["n_queries"] == 16  # the test split's photos, against the training split's
     with fundus_sdk.Index.open(out / "cases", read_only=True) as ix:
-        assert len(ix) == 48 and ix.model_fingerprint == model.fingerprint  # recording the metrics kept it
+        measured = fundus_sdk.load_model(out / "measured.onnx")  # recording the metrics kept the fingerprint;
+        assert len(ix) == 48 and ix.model_fingerprint == measured.fingerprint  # calibrating the gate then changed it,
+        assert measured.weights_fingerprint == model.weights_fingerprint and model.fingerprint != ix.model_fingerprint  # not the weights

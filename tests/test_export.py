@@ -408,7 +408,7 @@ def test_ensemble_cosine_is_the_weighted_mean_of_its_members(tiny_ensemble, phot
         np.testing.assert_allclose(e.attention, 0.7 * a.attention + 0.3 * b.attention, atol=1e-6)
         assert e.attention.sum() == pytest.approx(1.0, abs=1e-3)
     recorded = json.loads(both.metadata[contract.MEMBERS])
-    assert [r["fingerprint"] for r in recorded] == [m.fingerprint for m in parts]
+    assert [r["fingerprint"] for r in recorded] == [m.weights_fingerprint for m in parts]  # as each member's file says
     assert [r["weight"] for r in recorded] == pytest.approx([0.7, 0.3])
     assert both.fingerprint not in {m.fingerprint for m in parts}
 

@@ -37,10 +37,11 @@ from .model import FundusNet, ModelConfig
 from .photos import InMemoryPhotos
 
 
-def selection_score(reports: dict[str, dict]) -> float:
-    """What the best checkpoint maximises: micro plus macro mHR@k (both matter to users), averaged
-    over the sources' own validation parts (a small second camera counts as much as the first)."""
-    return float(np.mean([r["micro"]["mHR"] + r["macro"]["mHR"] for r in reports.values()]))
+def selection_score(report: dict) -> float:
+    """What the best checkpoint maximises: micro plus macro mHR@k (both matter to users); with
+    several sources, its mean over their own validation parts (a small second camera counts as
+    much as the first)."""
+    return report["micro"]["mHR"] + report["macro"]["mHR"]
 
 
 def by_source(records: list[Record], idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -186,7 +187,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
                 for name, idx in val_groups.items()
             }
             report = reports[names[0]] if len(reports) == 1 else reports
-            score = selection_score(reports)
+            score = float(np.mean([selection_score(r) for r in reports.values()]))
             history[-1] |= {f"val_{name}": {"mHR": r["micro"]["mHR"], "macro_mHR": r["macro"]["mHR"]} for name, r in reports.items()}
             for name, r in reports.items():
                 log(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  val {name} {describe(r)}  ({time.time() - started:.0f}s)")
