@@ -42,13 +42,15 @@ def evaluate_index(
     for batch in index.model.iter_embed([q.path for q in queries], batch_size=batch_size, check=False):
         for err in batch.errors:
             failed(err)
-        # one search per batch, so the grade filter is computed once per batch
-        batch_hits = index.search_batch(batch.vectors, k=k + 1, where=graded) if len(batch.positions) else []
-        for pos, vec, found, sha in zip(batch.positions, batch.vectors, batch_hits, batch.sha256):
-            patient = None if own_patient else (queries[pos].fields.get("patient") or "").strip() or None
-            if patient is not None:  # its own patient's photos left out, compared by value (filters.by_value)
-                found = index.search(vec, k=k + 1, where=graded, exclude={"patient": patient})
-                patients += 1
+        named = [None if own_patient else (queries[pos].fields.get("patient") or "").strip() or None
+                 for pos in batch.positions]  # fmt: skip
+        # the queries naming no patient in one search per batch (the grade filter computed once); the
+        # others each leave out their own patient's photos, compared by value (filters.by_value)
+        plain = [i for i, patient in enumerate(named) if patient is None]
+        batch_hits = dict(zip(plain, index.search_batch(batch.vectors[plain], k=k + 1, where=graded))) if plain else {}
+        for i, (pos, vec, sha, patient) in enumerate(zip(batch.positions, batch.vectors, batch.sha256, named)):
+            found = batch_hits[i] if patient is None else index.search(vec, k=k + 1, where=graded, exclude={"patient": patient})
+            patients += patient is not None
             hits = [h for h in found if h.sha256 != sha][:k]
             grade = queries[pos].grade
             # a gallery smaller than k: the missing ranks get a grade the whole scale away (no hit, zero gain)
