@@ -10,6 +10,8 @@ such a graph too: its members run side by side on the one input.
 Every metadata value is a string (ONNX metadata_props); structured values are JSON.
 """
 
+import numpy as np
+
 FORMAT_VERSION = "1"
 
 INPUT_NAME = "image"
@@ -40,3 +42,9 @@ MEMBERS = "model.members"  # ensembles only (export/ensemble.py): JSON list of {
 # plus the preprocessing keys of fundus_sdk.preprocess.Preprocess.to_metadata(): "preprocess.*"
 
 REQUIRED = (FORMAT, NAME, VERSION, DIM, FINGERPRINT, INPUT_SIZE)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Per row: finite and of unit norm (within UNIT_NORM_TOLERANCE), as the graph's output is."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.abs(np.linalg.norm(vectors.astype(np.float64), axis=1) - 1) < UNIT_NORM_TOLERANCE  # NaN, inf: False

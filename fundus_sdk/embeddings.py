@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .atomic import write_output
-from .contract import UNIT_NORM_TOLERANCE
+from .contract import unit_rows
 from .errors import FundusError
 
 FORMATS = {".npz": "npz", ".jsonl": "jsonl"}  # what `embed` writes
@@ -124,8 +124,7 @@ def read_embeddings(path: str | Path) -> Embeddings:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise EmbeddingFileError(f"{path}: not a readable embedding file ({exc})") from exc
-    norms = np.linalg.norm(data.vectors, axis=1) if len(data.vectors) else np.ones(0)
-    bad = np.flatnonzero(~(np.abs(norms - 1) < UNIT_NORM_TOLERANCE))  # NaN and inf fail the comparison
+    bad = np.flatnonzero(~unit_rows(data.vectors)) if len(data.vectors) else []
     if len(bad):
         raise EmbeddingFileError(f"{path}: vector {bad[0]} ({data.paths[bad[0]]}) is not a finite unit vector, "
                                  "as `fundus-sdk embed` writes them")  # fmt: skip

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Union
 import numpy as np
 
 from .atomic import FILE_MODE, fsync_dir, write_atomically, write_output
-from .contract import UNIT_NORM_TOLERANCE
+from .contract import unit_rows
 from .errors import CaseIndexError, ImageError, ModelMismatchError, OnError, describe, error_policy
 from .dicom import Frame, identifying, looks_like_dicom
 from .dicom import frames as dicom_frames
@@ -128,12 +128,6 @@ def staging_dir(path: Path, doing: str) -> Path:
         if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
     return path.with_name(f".{path.name}.{doing}-{os.getpid()}")
-
-
-def unit_rows(vecs: np.ndarray) -> np.ndarray:
-    """Per row: finite and of unit norm (within UNIT_NORM_TOLERANCE), as the model writes them."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.abs(np.linalg.norm(vecs.astype(np.float64), axis=1) - 1) <= UNIT_NORM_TOLERANCE  # NaN, inf: False
 
 
 def file_sha256(path: Path) -> str:
@@ -389,6 +383,7 @@ class Index:
         self.read_only = read_only
         self._model = model
         self._runtime: tuple[Providers, int | None] = (None, None)  # how the default model runs when loaded
+        self._secret: bytes | None = None  # the pseudonyms' secret, read from its key file when first needed
         self._info = dict(conn.execute("SELECT name, value FROM info").fetchall())
         if self._info.get("format") != FORMAT:
             raise CaseIndexError(f"{path}: index format {self._info.get('format')!r}, this version reads {FORMAT!r}")
@@ -1220,8 +1215,9 @@ class Index:
         """What a case may say of its patient: a pseudonym of the PatientID, the identifiers only if kept."""
         out: dict[str, Any] = dict(identifiers) if keep else {}
         if identifiers.get("PatientID"):
-            secret = self._pseudonym_secret()
-            out["patient_pseudonym"] = hmac.new(secret, identifiers["PatientID"].encode(), hashlib.sha256).hexdigest()[:20]
+            if self._secret is None:
+                self._secret = self._pseudonym_secret()
+            out["patient_pseudonym"] = hmac.new(self._secret, identifiers["PatientID"].encode(), hashlib.sha256).hexdigest()[:20]
         return out
 
     def _pseudonym_secret(self) -> bytes:
