@@ -25,6 +25,7 @@ from PIL import Image
 
 from benchmarks.common import EYEPACS, REPO, RETINA, print_header
 from fundus_sdk import Model, metrics
+from fundus_sdk.explain import wholly_inside
 
 IDRID = REPO.parent / "shared" / "data" / "idrid"
 
@@ -33,13 +34,6 @@ def split(data: Path, name: str) -> tuple[list[Path], np.ndarray]:
     with open(data / "labels.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == name]
     return [data / "images" / r["image"] for r in rows], np.array([int(r["grade"]) for r in rows])
-
-
-def wholly_inside(fov: np.ndarray, side: int) -> np.ndarray:
-    """bool (side, side): the map's cells every pixel of which lies in the field of view."""
-    size = fov.shape[0]
-    cell = size // side
-    return fov[: cell * side, : cell * side].reshape(side, cell, side, cell).all(axis=(1, 3))
 
 
 def attention_shares(model: Model, photos: list[Path]) -> np.ndarray:

@@ -37,6 +37,13 @@ def colour_scale(values: np.ndarray) -> np.ndarray:
     return np.rint(SCALE[low] * (1 - t) + SCALE[low + 1] * t).astype(np.uint8)
 
 
+def wholly_inside(fov: np.ndarray, side: int) -> np.ndarray:
+    """bool (side, side): the cells of a side x side grid over `fov` (bool, size x size) every pixel
+    of which lies in the field of view (how the attention's share on the retina is measured)."""
+    cell = fov.shape[0] // side
+    return fov[: cell * side, : cell * side].reshape(side, cell, side, cell).all(axis=(1, 3))
+
+
 @dataclass(frozen=True)
 class Explanation:
     """One photo's descriptor, gate verdict and attention map (`Model.explain`)."""

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fundus_sdk.explain import wholly_inside
+
 from .checkpoint import load_checkpoint
 from .data import read_source, train_test
 from .model import FundusNet
@@ -27,11 +29,7 @@ def inside_shares(net: FundusNet, preprocess, paths: list[Path], batch: int = 16
         images = torch.from_numpy(np.stack([p.pixels for p in prepared]))
         with torch.no_grad():
             maps = net.attention_map(net.normalise(images)).numpy()
-        side = maps.shape[-1]
-        for m, p in zip(maps, prepared):
-            cell = p.fov.shape[0] // side
-            inside = p.fov[: side * cell, : side * cell].reshape(side, cell, side, cell).all(axis=(1, 3))
-            shares.append(float(m[inside].sum()))
+        shares += [float(m[wholly_inside(p.fov, m.shape[-1])].sum()) for m, p in zip(maps, prepared)]
     return np.array(shares)
 
 
