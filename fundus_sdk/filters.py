@@ -89,12 +89,8 @@ def compile_filter(where: Where | None, exclude: Where | None, known: Iterable[s
                 if op in ("=", "!="):  # equality is by value: an id as text or as a number is one id
                     op, operand = ("in" if op == "=" else "not in"), [operand]
                 if op in ("in", "not in"):
-                    operand = by_value(operand)
-                if op == "not in":
-                    test = f"{column} NOT IN ({','.join('?' * len(operand))})"
-                    test_params = column_params + list(operand)
-                elif op == "in":
-                    test = f"{column} IN ({','.join('?' * len(operand))})" if operand else "0"
+                    operand = by_value(operand)  # never empty for "not in", which comes from one != value
+                    test = f"{column} {op.upper()} ({','.join('?' * len(operand))})" if operand else "0"
                     test_params = column_params + list(operand)
                 else:
                     test, test_params = f"{column} {OPERATORS[op]} ?", column_params + [operand]

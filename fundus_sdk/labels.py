@@ -84,6 +84,7 @@ class Scale:
 
 
 ICDR = Scale(0, 4)  # the default: 0 no DR, 1 mild, 2 moderate, 3 severe, 4 proliferative DR
+GRADES = ICDR.values
 ICDR_NAMES = ("no DR", "mild NPDR", "moderate NPDR", "severe NPDR", "proliferative DR")
 
 
@@ -95,7 +96,6 @@ def grade_name(grade: int | None, scale: Scale = ICDR) -> str:
     if scale.names:
         return scale.names[grade - scale.low]
     return f"{grade} - {ICDR_NAMES[grade]}" if scale == ICDR and grade in ICDR else str(grade)
-GRADES = ICDR.values
 
 
 MAX_PROBLEMS = 50  # bad rows named in one LabelError (the count says how many more)

@@ -166,7 +166,9 @@ class BalancedBatches:
                 copies = np.floor(w).astype(int)
                 if (w != copies).any():  # fractional weights (whole ones leave the random sequence as it was)
                     copies += self.rng.random(len(w)) < w - copies
-                self.pools[g] = list(self.rng.permutation(np.repeat(members, np.maximum(copies, 1 if not copies.any() else 0))))
+                if not copies.any():  # weights all below 1 drew no copy: take each once
+                    copies[:] = 1
+                self.pools[g] = list(self.rng.permutation(np.repeat(members, copies)))
             out.append(int(self.pools[g].pop()))
         return out
 
