@@ -1,5 +1,5 @@
 """What one small change costs in a large index: commits that log the change in SQLite (the
-default, Index.log_limit) against commits that rewrite the whole vector file (log_limit 0, how
+default, Settings.log_limit) against commits that rewrite the whole vector file (log_limit 0, how
 every commit worked before), and what the log costs a reader that opens the index.
 
 Why: an index of 25,000 cases spent ~86 ms rewriting and hashing its vector file for each add of
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_sdk import Index, load_model
+from fundus_sdk import Index, Settings, load_model
+from fundus_sdk.store import Store
 from fundus_sdk.tables import format_table
 
 from .common import print_header, ratio
@@ -30,9 +31,8 @@ def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def adds(folder: Path, log_limit: int, n: int, fingerprint: str) -> tuple[float, float]:
+def adds(folder: Path, n: int, fingerprint: str) -> tuple[float, float]:
     """(median, max) milliseconds of n single-vector commits into the index at `folder`."""
-    Index.log_limit = log_limit
     rng = np.random.default_rng(1)
     times = []
     with Index.open(folder) as ix:
@@ -62,21 +62,22 @@ def main() -> None:
     args = p.parse_args()
     print_header("index commits: logged change vs rewritten vector file", ["numpy", "usearch"])
     model = load_model()
-    default = Index.log_limit
+    default = Settings.log_limit
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cases in args.cases:
             base = Path(tmp) / f"base-{cases}"
-            Index.log_limit = 0  # the starting point has its vectors in the file, nothing logged
-            with Index.create(base, model=model) as ix:
+            # the starting point has its vectors in the file, nothing logged
+            with Index.create(base, model=model, settings=Settings(log_limit=0)) as ix:
                 ix.add(unit(np.random.default_rng(0), cases, model.dim), model_fingerprint=model.fingerprint)
             copies = {}
             for name, limit in (("rewrite", 0), ("log", default)):
                 copies[name] = Path(tmp) / f"{name}-{cases}"
                 shutil.copytree(base, copies[name])
-            rewrite = adds(copies["rewrite"], 0, args.adds, model.fingerprint)
-            logged = adds(copies["log"], default, args.adds, model.fingerprint)
-            Index.log_limit = default
+                with Store.open(copies[name]) as store:  # the setting the index records, changed in place
+                    store.set_info("log_limit", str(limit))
+            rewrite = adds(copies["rewrite"], args.adds, model.fingerprint)
+            logged = adds(copies["log"], args.adds, model.fingerprint)
             open_rewrite, open_logged = open_ms(copies["rewrite"]), open_ms(copies["log"])
             rows.append([cases, f"{rewrite[0]:.1f}", f"{logged[0]:.2f}", ratio(logged[0], rewrite[0]),
                          f"{rewrite[1]:.0f}", f"{logged[1]:.0f}",

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from tests.shared import EYEPACS, REPO, RETINA  # the one definition of where the photos are  # noqa: F401
+from training.data import DATA_ENV
+
+# Where the photos are, for benchmarks and tests alike (tests/shared.py reads these): EyePACS in
+# the folder FUNDUS_SDK_DATA names, by default ../shared/data/eyepacs256 beside the checkout,
+# resolved as the index stores photos' paths (a shared/ reached through a link compares equal).
+REPO = Path(__file__).resolve().parents[1]
+EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256").resolve()
+RETINA = REPO / "tests" / "fixtures" / "retina.jpg"  # CC0 (scikit-image's retina)
 
 EYEPACS_IMAGES = EYEPACS / "images"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")

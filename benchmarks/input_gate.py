@@ -3,7 +3,7 @@
 Accepted sets (each should pass >= 99.5%): the EyePACS photos of ../shared (both splits; the
 calibration used some training-split photos), the CC0 fixture retina.jpg and versions of it,
 and simulated raw camera photos made from test-split photos. Refused set (>= 95%): the
-non-fundus pictures of tests/non_fundus.py (scikit-image samples and rendered pictures).
+non-fundus pictures of benchmarks/non_fundus.py (scikit-image samples and rendered pictures).
 Cost: the gate's own work (signals and verdict) against the whole embedding of the same photos,
 measured in the same run.
 
@@ -19,12 +19,12 @@ import numpy as np
 from PIL import Image
 
 import fundus_sdk
+from benchmarks.common import RETINA
+from benchmarks.non_fundus import non_fundus_set
 from fundus_sdk.gate import measure
 from fundus_sdk.labels import read_labels
 from fundus_sdk.preprocess import fov_mask
 from fundus_sdk.tables import format_table
-from tests.non_fundus import non_fundus_set
-from tests.shared import RETINA
 from training.camera import simulated_raw, versions_of
 
 from .common import EYEPACS_IMAGES, print_header

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_sdk import Index, load_model
+from fundus_sdk import Index, Settings, load_model
+
+WRITERS = Settings(log_limit=40)  # the trial indexes rewrite the vector file every few commits, removals included
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
     from fundus_sdk import Index, load_model
-    Index.log_limit = 40  # rewrite the vector file every few commits, removals included
     path, seed, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     model = load_model()
     rng = np.random.default_rng(1000 + seed)
@@ -93,7 +94,7 @@ def kill_trials(root: Path, model, trials: int) -> None:
     totals = np.zeros(3, int)
     for t in range(trials):
         index = root / f"kill-{t}"
-        Index.create(index, model=model).close()
+        Index.create(index, model=model, settings=WRITERS).close()
         writer = start(WRITER, index, 0, 10_000)
         first = writer.stdout.readline()  # it has committed once
         time.sleep(rng.uniform(0.05, 2.0))
@@ -106,7 +107,7 @@ def kill_trials(root: Path, model, trials: int) -> None:
 
 def concurrency_trial(root: Path, model, writers: int, readers: int, rounds: int) -> None:
     index = root / "concurrent"
-    Index.create(index, model=model).close()
+    Index.create(index, model=model, settings=WRITERS).close()
     procs = [start(WRITER, index, s, rounds) for s in range(writers)]
     searches = rounds * 25
     reading = [start(READER, index, searches, s) for s in range(readers)]
@@ -143,12 +144,10 @@ def damage_trials(root: Path, model) -> None:
                 served += any(h.score > 1.001 or h.key == victim for q in v for h in ro.search(q, k=3))
     print(f"damage: 20 stored vectors with a flipped exponent byte: {detected} detected by check, {served} served")
     index = root / "slots"
-    Index.log_limit, limit = 0, Index.log_limit  # write the vectors to a vector file at once
-    with Index.create(index, model=model) as ix:
+    with Index.create(index, model=model, settings=Settings(log_limit=0)) as ix:  # the vectors go to a vector file at once
         v = rng.normal(size=(200, model.dim)).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         ix.add(v, model_fingerprint=model.fingerprint)
-    Index.log_limit = limit
     (file,) = index.glob("vectors-*.usearch")
     bad = USearch(ndim=model.dim, metric="cos", dtype="f16")
     bad.add(np.arange(1, 201, dtype=np.uint64), v)

@@ -2,8 +2,8 @@
 at 100,000 and 1,000,000 vectors, on the two sets issue 22 names.
 
 Why: a similar case that the search silently misses is an error for a retrieval aid. The index
-searches exactly up to `Index.exact_below` cases and through usearch's HNSW graph above, built
-with `Index.connectivity` and searched at `Index.expansion_search` (both recorded in each
+searches exactly up to `Settings.exact_below` cases and through usearch's HNSW graph above, built
+with `Settings.connectivity` and searched at `Settings.expansion_search` (both recorded in each
 index). This measures, per connectivity and search depth, the recall@10 of usearch (f16, the
 index's storage) against exact float32 search and the median time of one query against one
 exact numpy query (a matrix-vector product and argpartition), in the same process and minute.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fundus_sdk import Index, read_embeddings  # imports onnxruntime before usearch (see fundus_sdk/index.py)
+from fundus_sdk import Settings, read_embeddings  # imports onnxruntime before usearch (see fundus_sdk/vectors.py)
 from fundus_sdk.tables import format_table
 from usearch.index import Index as USearch
 
@@ -81,8 +81,7 @@ def main() -> None:
     p.add_argument("-k", type=int, default=10)
     args = p.parse_args()
     print_header("search recall@10 and speed: fundus_sdk.Index's usearch graph vs exact search", ["numpy", "usearch"])
-    print(f"Index defaults: exact_below {Index.exact_below}, connectivity {Index.connectivity}, "
-          f"expansion_add {Index.expansion_add}, expansion_search {Index.expansion_search}\n")  # fmt: skip
+    print(f"index defaults: {Settings()}\n")
     photos = read_embeddings(args.photos).vectors if args.photos else None
     rows = []
     for n in args.sizes:
@@ -97,7 +96,7 @@ def main() -> None:
             numpy_ms = median_ms(lambda q: np.argpartition(-(vectors @ q), args.k)[: args.k], queries[:100])
             for m in args.connectivity:
                 graph = USearch(ndim=vectors.shape[1], metric="cos", dtype="f16", connectivity=m,
-                                expansion_add=Index.expansion_add)  # fmt: skip
+                                expansion_add=Settings.expansion_add)  # fmt: skip
                 start = time.perf_counter()
                 graph.add(np.arange(n), vectors)
                 build = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """usearch (HNSW) vs exact numpy brute force on 256-d vectors at 100k and 1M cases.
 
-Why: fundus_sdk.Index searches indexes above `Index.exact_below` cases with usearch's HNSW graph
-at depth `Index.expansion_search`, stores vectors as f16 by default, and memory-maps the vector
+Why: fundus_sdk.Index searches indexes above `Settings.exact_below` cases with usearch's HNSW graph
+at depth `Settings.expansion_search`, stores vectors as f16 by default, and memory-maps the vector
 file when opened read-only. This measures what those choices buy and cost, per size:
 - build: time to add all vectors (and vectors/s), the peak memory the build added, and the
   file size on disk, for f16 and f32 storage (numpy's memory: its float32 matrix);

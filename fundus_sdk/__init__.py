@@ -4,6 +4,7 @@
     index = fundus_sdk.Index.create("cases/")                 # bundled default model
     index.add(["a.jpg", "b.jpg"], metadata=[{"grade": 0}, {"grade": 2}])
     hits = fundus_sdk.search("new_patient.jpg", index, k=10)  # list[Hit], best first
+    results = fundus_sdk.query(["a.jpg", "b.jpg"], index)     # per photo: verdict, hits, error
     vectors = fundus_sdk.embed(["a.jpg", "b.jpg"])            # (2, dim) float32, unit rows
     verdicts = fundus_sdk.load_model().check(["a.jpg"])       # is it a gradable fundus photo?
     fundus_sdk.report("new_patient.jpg", index).write_html("report.html")  # photos + heatmaps
@@ -15,7 +16,7 @@ from .errors import CaseIndexError, Exit, FundusError, ImageError, ModelError, M
 from .evaluation import evaluate_index
 from .explain import Explanation
 from .gate import NotFundusError, UngradableWarning, Verdict
-from .index import BatchHits, Case, Hit, Index, RebuildReport, rebuild, search
+from .index import BatchHits, Case, Hit, Index, QueryResult, RebuildReport, Settings, query, rebuild, search
 from .inputs import Decoded, decode, find_images
 from .labels import GRADES, ICDR, Label, LabelError, Scale, read_labels
 from .model import Model, embed, load_model
@@ -28,9 +29,12 @@ __all__ = [
     # embedding and search
     "embed",
     "search",
+    "query",
+    "QueryResult",
     "load_model",
     "Model",
     "Index",
+    "Settings",
     "Case",
     "Hit",
     "BatchHits",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -51,6 +52,13 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def take(self, rows: Sequence[int]) -> "Embeddings":
+        """These embeddings' rows at `rows` (their failed photos kept)."""
+        rows = list(rows)
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        return Embeddings(self.vectors[rows], pick(self.paths), pick(self.sha256), self.model_fingerprint,
+                          self.model_name, pick(self.verdicts), pick(self.metadata), self.failed)  # fmt: skip
 
 
 def file_format(path: str | Path, fmt: str | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from enum import IntEnum
-from pathlib import Path
 from typing import Union
 
 
@@ -62,15 +61,6 @@ class CaseIndexError(FundusError):
 
 class ProviderError(FundusError):
     """An ONNX Runtime execution provider was asked for but cannot run here."""
-
-
-def describe(source: object) -> str:
-    """A short name for an input in messages: the path for files, the type otherwise."""
-    from .dicom import Frame  # a frame of a DICOM file names itself: path and frame number
-
-    if isinstance(source, (str, Path, Frame)):
-        return str(source)
-    return f"<{type(source).__name__}>"
 
 
 def one_line(exc: BaseException) -> str:

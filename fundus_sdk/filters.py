@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
-COLUMNS = ("key", "path", "sha256", "grade", "added")
+from .records import COLUMNS
+
 INT64 = (-(2**63), 2**63 - 1)
 OPERATORS = {"=": "=", "==": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">=", "in": "IN"}
 Where = Mapping[str, Union[Any, Sequence[Any], Mapping[str, Any]]]

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageError, describe
+from .errors import ImageError
+from .inputs import describe
 
 CALIBRATION_KEY = "gate.calibration"
 CLIP_LEVEL = 250
@@ -157,6 +158,12 @@ class NotFundusError(ImageError):
     def __init__(self, source: object, verdict: Verdict) -> None:
         self.verdict = verdict
         super().__init__(describe(source), verdict.summary())
+
+
+def refusal(source: object, verdict: Verdict | None) -> NotFundusError | None:
+    """The gate's rule, in one place: an input whose verdict is not accepted (`Verdict.accepted`)
+    is refused with this error; None when it is accepted or was not checked."""
+    return None if verdict is None or verdict.accepted else NotFundusError(source, verdict)
 
 
 class UngradableWarning(UserWarning):

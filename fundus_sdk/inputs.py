@@ -25,9 +25,18 @@ from PIL import Image, ImageOps
 
 from .dicom import SUFFIXES as DICOM_SUFFIXES
 from .dicom import Frame, decode_dicom, is_dicom, looks_like_dicom
-from .errors import ImageError, describe
+from .errors import ImageError
 
 ImageInput = Union[str, Path, bytes, bytearray, BinaryIO, Image.Image, np.ndarray, Frame]
+
+
+def describe(source: object) -> str:
+    """A short name for an input in messages: the path for files (a DICOM frame: with its
+    number), the type otherwise."""
+    if isinstance(source, (str, Path, Frame)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
 
 MIN_SIDE = 32  # PIL's own limit (Image.MAX_IMAGE_PIXELS, ~89 megapixels) refuses bombs
 MAX_ASPECT = 4.0  # cameras give 1:1 to 16:9; a 20000x100 strip is no fundus photo

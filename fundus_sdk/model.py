@@ -279,6 +279,7 @@ class Model:
             [self.judge(v, r[0].signals) if check else None for v, (_, r) in zip(vectors, ok)],
             [r for r in loaded if isinstance(r, ImageError)],
             [r[1].metadata for _, r in ok], [r[1].identifiers for _, r in ok],
+            [start + i for i, r in enumerate(loaded) if isinstance(r, ImageError)],
         )  # fmt: skip
 
     def embed(
@@ -353,6 +354,7 @@ class Batch:
     errors: list[ImageError]  # the inputs of this batch that failed
     metadata: list[dict[str, Any]]  # what each input's header says (DICOM; else empty)
     identifiers: list[dict[str, str]]  # who each input's patient is (DICOM; else empty): never stored unasked
+    failed: list[int]  # where each error's input was in the inputs given
 
 
 def check_graph(path: Path, session: ort.InferenceSession, meta: dict[str, str], preprocess: Preprocess) -> str:

@@ -24,13 +24,14 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_output
-from .errors import ImageError, OnError, error_policy
+from .errors import ImageError, OnError
 from .explain import Explanation
 from .filters import Where
 from .index import Hit, Index, photo_of
 from .inputs import ImageInput
 from .labels import ICDR, Scale, grade_name
 from .model import Model, as_list
+from .pipeline import warn_ungradable
 
 DISCLAIMER = "A retrieval aid, not a diagnostic device."
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # nothing leaves the file
@@ -200,14 +201,10 @@ def report(
     if not isinstance(index, Index):
         with Index.open(index, read_only=True) as ix:
             return report(queries, ix, k=k, where=where, exclude=exclude, check=check, on_error=on_error)
-    failed = error_policy(on_error)
-    results = []
-    for query in as_list(queries):
-        try:
-            results.append((query, index.search(query, k=k, where=where, exclude=exclude, check=check)))
-        except ImageError as err:
-            failed(err)
-    return Report.build(index, results)
+    images = as_list(queries)
+    answered = index.query(images, k, where, exclude, check, on_error)
+    warn_ungradable(answered)
+    return Report.build(index, [(image, r.hits) for image, r in zip(images, answered) if r.ok])
 
 
 # -- rendering helpers ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Where the tests find their real data, and how they behave when it is missing.
 
-EyePACS photos are never copied into the repository: tests (and benchmarks, which import
-EYEPACS from here) read them from the folder named by FUNDUS_SDK_DATA, by default
+EyePACS photos are never copied into the repository: tests (and benchmarks, where the location
+is defined) read them from the folder named by FUNDUS_SDK_DATA, by default
 ../shared/data/eyepacs256 beside the checkout. Locally a missing folder skips those tests;
 under CI (environment variable CI set) it fails them loudly.
 """
@@ -15,14 +15,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
+from benchmarks.common import EYEPACS, REPO, RETINA  # noqa: F401 (the tests import REPO from here)
 from fundus_sdk.labels import GRADES
-from training.data import DATA_ENV
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-# resolved, as the index stores photos' paths: a shared/ reached through a link compares equal
-EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256").resolve()
-RETINA = FIXTURES / "retina.jpg"
+FIXTURES = RETINA.parent
 
 
 def require_eyepacs() -> Path:

@@ -388,7 +388,7 @@ def test_every_bad_label_row_is_named_at_once_and_a_whole_float_grade_is_read(tm
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), {"dose": [1.0, float("-inf")]}])
 def test_a_non_finite_metadata_value_is_refused_by_name(tmp_path, value):
-    from fundus_sdk.index import check_metadata
+    from fundus_sdk.records import check_metadata
 
     with pytest.raises(ValueError, match="'dose'.*not finite"):
         check_metadata({"grade": 1, "dose": value})

@@ -182,7 +182,7 @@ def test_the_pseudonym_secret_stays_out_of_the_database(tmp_path, model, monkeyp
     import sqlite3
     import stat
 
-    from fundus_sdk.index import PSEUDONYM_ENV, PSEUDONYM_FILE, PSEUDONYM_KEY
+    from fundus_sdk.pseudonym import PSEUDONYM_ENV, PSEUDONYM_FILE, PSEUDONYM_KEY
 
     dcm = make_dicom(tmp_path / "a.dcm", photo(RETINA, 256), patient_id="MRN-42")
     with fundus_sdk.Index.create(tmp_path / "ix", model=model) as ix:

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from PIL import Image, ImageFilter
 
 import fundus_sdk
+from benchmarks.non_fundus import non_fundus_set
 from fundus_sdk.cli import main
 from fundus_sdk.errors import Exit
 from fundus_sdk.gate import Gate, NotFundusError, Signals, UngradableWarning, calibrate
-from tests.non_fundus import non_fundus_set
 from tests.shared import FIXTURES, RETINA, eyepacs_sample
 from training.camera import simulated_raw
 

@@ -13,6 +13,8 @@ import pytest
 import fundus_sdk
 from fundus_sdk import Index
 from fundus_sdk.errors import CaseIndexError, ModelMismatchError
+from fundus_sdk.reader import Reader
+from fundus_sdk.vectors import Settings
 from tests.shared import REPO, eyepacs_sample
 
 
@@ -31,11 +33,9 @@ def built(tmp_path_factory, model, cases):
     """An index of the 20 graded photos, with an `eye` field in free-form metadata, its vectors
     written to their file (log_limit 0) so that tests can damage it."""
     path = tmp_path_factory.mktemp("idx") / "cases"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Index, "log_limit", 0)
-        with Index.create(path, model=model) as ix:
-            meta = [{"grade": g, "eye": "left" if "left" in p.name else "right"} for p, g in cases]
-            keys = ix.add([p for p, _ in cases], meta)
+    with Index.create(path, model=model, settings=Settings(log_limit=0)) as ix:
+        meta = [{"grade": g, "eye": "left" if "left" in p.name else "right"} for p, g in cases]
+        keys = ix.add([p for p, _ in cases], meta)
     return path, keys
 
 
@@ -46,11 +46,12 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 def assert_consistent(path) -> int:
     """Vectors and metadata agree: every case is searchable, nothing else is."""
-    with Index.open(path) as ix:
+    with Index.open(path) as ix:  # a writer's opening repairs what a kill left
         n = len(ix)
-        assert len(ix._vectors) == n
+        assert ix.check()["vectors"] == n
         if n:
-            probe = np.asarray(ix._stored_vectors()[1][0])
+            with Reader.open(path) as reader:
+                probe = np.asarray(reader.stored_vectors()[1][0])
             hits = ix.search(probe, k=n + 5)
             assert len(hits) == n and len({h.key for h in hits}) == n
         return n
@@ -151,18 +152,17 @@ def test_index_of_another_model_refuses_it(tmp_path, model):
 
 
 @pytest.mark.parametrize("exact_below, min_recall", [(20_000, 1.0), (0, 0.85)])
-def test_broad_filter_still_returns_k_hits(tmp_path, model, monkeypatch, exact_below, min_recall):
+def test_broad_filter_still_returns_k_hits(tmp_path, model, exact_below, min_recall):
     """A filter that 80% of 6000 cases pass goes through usearch with oversampling.
 
     Exact below `exact_below` cases; above, the HNSW graph, whose recall@10 on random vectors
     was measured at 0.94 (f32, search depth 256): 0.85 leaves room for seed-to-seed spread.
     """
-    monkeypatch.setattr(Index, "exact_below", exact_below)
     rng = np.random.default_rng(1)
     vecs = unit(rng, 6000, model.dim)
     grades = rng.integers(0, 5, size=6000)
     allowed = np.flatnonzero(grades != 4)
-    with Index.create(tmp_path / "ix", model=model, dtype="f32") as ix:
+    with Index.create(tmp_path / "ix", model=model, dtype="f32", settings=Settings(exact_below=exact_below)) as ix:
         ix.add(vecs, [{"grade": int(g)} for g in grades])
         recall = []
         for q in unit(rng, 20, model.dim):
@@ -198,15 +198,15 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import fundus_sdk
     from fundus_sdk import Index
+    from fundus_sdk.store import Store
     mode = sys.argv[2]
     ix = Index.open(sys.argv[1])
-    Index.log_limit = int(sys.argv[4])  # 0: every commit rewrites the vector file, so kills land in that too
     if mode == "die-before-commit":
-        write = Index._snapshot
-        def write_then_die(self, vectors, generation):
-            write(self, vectors, generation)
+        write = Store._write_vector_file
+        def write_then_die(self, snap, generation):
+            write(self, snap, generation)
             os._exit(9)
-        Index._snapshot = write_then_die
+        Store._write_vector_file = write_then_die
     rng = np.random.default_rng(int(sys.argv[3]))
     for i in range(10_000):
         v = rng.normal(size=(3, ix.dim)).astype(np.float32)
@@ -216,17 +216,18 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_child(path, mode: str, seed: int, log_limit: int = 0) -> subprocess.Popen:
+def run_child(path, mode: str, seed: int) -> subprocess.Popen:
     script = CHILD.format(repo=str(REPO))
-    args = [sys.executable, "-c", script, str(path), mode, str(seed), str(log_limit)]
+    args = [sys.executable, "-c", script, str(path), mode, str(seed)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("commits_before_kill, log_limit", [(1, 0), (4, 10), (9, 10), (9, Index.log_limit)])
+@pytest.mark.parametrize("commits_before_kill, log_limit", [(1, 0), (4, 10), (9, 10), (9, Settings.log_limit)])
 def test_killed_in_the_middle_of_adding_leaves_a_consistent_index(tmp_path, model, commits_before_kill, log_limit):
+    """log_limit 0: every commit rewrites the vector file, so kills land in that too."""
     path = tmp_path / "ix"
-    Index.create(path, model=model).close()
-    child = run_child(path, "loop", commits_before_kill, log_limit)
+    Index.create(path, model=model, settings=Settings(log_limit=log_limit)).close()
+    child = run_child(path, "loop", commits_before_kill)
     for _ in range(commits_before_kill):
         assert child.stdout.readline().startswith("committed")
     time.sleep(0.01 * commits_before_kill)  # land somewhere inside a later add
@@ -239,10 +240,9 @@ def test_killed_in_the_middle_of_adding_leaves_a_consistent_index(tmp_path, mode
         assert report["ok"] and [p.name for p in path.glob("vectors-*")] == [report["vector_file"]] * bool(report["vector_file"])
 
 
-def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path, model, monkeypatch):
+def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path, model):
     path = tmp_path / "ix"
-    monkeypatch.setattr(Index, "log_limit", 0)
-    with Index.create(path, model=model) as ix:
+    with Index.create(path, model=model, settings=Settings(log_limit=0)) as ix:
         ix.add(unit(np.random.default_rng(0), 4, model.dim))
     child = run_child(path, "die-before-commit", 0)
     child.wait()
@@ -252,13 +252,20 @@ def test_dying_between_vector_file_and_commit_keeps_the_previous_state(tmp_path,
     assert len(list(path.glob("vectors-*.usearch"))) == 1
 
 
-def test_the_graph_settings_are_recorded_at_creation_and_used_after(tmp_path, model, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setattr(Index, "connectivity", 24)
-        m.setattr(Index, "expansion_search", 300)
-        Index.create(tmp_path / "ix", model=model).close()
-    assert (Index.connectivity, Index.expansion_search) != (24, 300)  # the class is back to its defaults
+def test_the_settings_are_recorded_at_creation_and_used_after(tmp_path, model):
+    Index.create(tmp_path / "ix", model=model, settings=Settings(connectivity=24, expansion_search=300, log_limit=7)).close()
     with Index.open(tmp_path / "ix", model=model) as ix:
         ix.add(unit(np.random.default_rng(0), 30, model.dim), model_fingerprint=model.fingerprint)
-        assert ix.info()["connectivity"] == "24" and ix._vectors.connectivity == 24
-        assert ix._vectors.expansion_search == 300
+        assert ix.info()["connectivity"] == "24" and ix.settings == Settings(connectivity=24, expansion_search=300, log_limit=7)
+    with Reader.open(tmp_path / "ix") as reader:
+        vectors = reader.snapshot().vectors.base  # memory-mapped, under the changes logged since
+        assert (vectors.connectivity, vectors.expansion_search) == (24, 300)
+
+
+def test_the_deprecated_class_settings_still_reach_new_indexes(tmp_path, model, monkeypatch):
+    monkeypatch.setattr(Index, "connectivity", 24)
+    with pytest.warns(DeprecationWarning, match="Index.connectivity"):
+        Index.create(tmp_path / "ix", model=model).close()
+    monkeypatch.undo()
+    with Index.open(tmp_path / "ix", model=model) as ix:
+        assert ix.settings.connectivity == 24 and ix.settings.expansion_search == Settings.expansion_search

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fundus_sdk import CaseIndexError, Index, load_model
+from fundus_sdk.vectors import Settings
 from tests.shared import REPO, RETINA
 
 
@@ -28,13 +29,11 @@ def unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def filled(path: Path, model, n: int = 40, log_limit: int = Index.log_limit) -> np.ndarray:
+def filled(path: Path, model, n: int = 40, log_limit: int = Settings.log_limit, **settings: float) -> np.ndarray:
     """An index of n random vectors; log_limit=0 writes them to the vector file (else they stay logged)."""
     vectors = unit(n, model.dim)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Index, "log_limit", log_limit)
-        with Index.create(path, model=model) as ix:
-            ix.add(vectors, [{"grade": i % 5} for i in range(n)], model_fingerprint=model.fingerprint)
+    with Index.create(path, model=model, settings=Settings(log_limit=log_limit, **settings)) as ix:
+        ix.add(vectors, [{"grade": i % 5} for i in range(n)], model_fingerprint=model.fingerprint)
     return vectors
 
 
@@ -43,18 +42,16 @@ def python(code: str, **kwargs) -> subprocess.Popen:
 
 
 def test_a_second_writer_waits_then_fails_naming_the_holder(tmp_path, model):
-    filled(tmp_path / "cases", model, 4)
+    filled(tmp_path / "cases", model, 4, lock_timeout=0.5)
     holder = python(f"""
         import time
-        from fundus_sdk import Index
-        ix = Index.open({str(tmp_path / "cases")!r})
-        with ix._writer():
+        from fundus_sdk.store import Store
+        with Store.open({str(tmp_path / "cases")!r}).writer():
             print("locked", flush=True)
             time.sleep(6)
     """, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with Index.open(tmp_path / "cases", model=model) as ix:
-        ix.lock_timeout = 0.5
         started = time.monotonic()
         with pytest.raises(CaseIndexError, match=rf"another writer holds the index \(pid {holder.pid} "):
             ix.add(unit(1, model.dim, seed=9), model_fingerprint=model.fingerprint)
@@ -253,8 +250,8 @@ def test_soak_writers_readers_and_a_killer_on_one_index(tmp_path, model):
                     assert ro.search(v, k=1)[0].key == key
 
 
-def test_a_commit_logs_its_change_instead_of_rewriting_the_vector_file(tmp_path, model, monkeypatch):
-    vectors = filled(tmp_path / "cases", model, 30, log_limit=0)
+def test_a_commit_logs_its_change_instead_of_rewriting_the_vector_file(tmp_path, model):
+    vectors = filled(tmp_path / "cases", model, 30, log_limit=4)  # the 30 added at once are written to the file
     (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
     written = file.read_bytes()
     reader = Index.open(tmp_path / "cases", read_only=True)  # memory-maps the file: it cannot take changes in place
@@ -266,7 +263,6 @@ def test_a_commit_logs_its_change_instead_of_rewriting_the_vector_file(tmp_path,
         assert writer.check()["logged_changes"] == 3
         assert [reader.search(v, k=1)[0].key for v in added] == keys  # the reader applies the log
         assert reader.search(vectors[4], k=1)[0].key != 5 and len(reader.search(vectors[0], k=50)) == 31
-        monkeypatch.setattr(Index, "log_limit", 4)
         more = unit(2, model.dim, seed=4)
         more_keys = writer.add(more, model_fingerprint=model.fingerprint)  # 5 logged > 4: the file is rewritten
         report = writer.check()
@@ -285,7 +281,6 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
 if sys.argv[2] == "api":  # every commit writes the vector file: the failure lands in that write
     import numpy as np
     from fundus_sdk import Index
-    Index.log_limit = 0
     with Index.open(sys.argv[3]) as ix:
         v = np.random.default_rng(5).normal(size=(1, ix.dim)).astype(np.float32)
         try:
@@ -375,7 +370,7 @@ def test_a_vector_file_with_removed_slots_is_rebuilt_not_restored(tmp_path, mode
     """A file an earlier version wrote with removed slots is rebuilt from SQLite, not handed to usearch."""
     from usearch.index import Index as USearch
 
-    vectors = filled(tmp_path / "cases", model, 30, log_limit=0)
+    vectors = filled(tmp_path / "cases", model, 30, log_limit=4)  # the 30 added at once are written to the file
     (file,) = (tmp_path / "cases").glob("vectors-*.usearch")
     damaged = USearch(ndim=model.dim, metric="cos", dtype="f16")
     damaged.add(np.arange(1, 31, dtype=np.uint64), vectors)
@@ -430,26 +425,27 @@ def four_photos() -> list[Path]:
 def test_a_photo_replaced_between_hashing_and_decoding_is_never_stored_under_the_old_identity(
     tmp_path, model, four_photos, monkeypatch
 ):
-    import fundus_sdk.index as index_module
+    import fundus_sdk.pipeline as pipeline
+    from fundus_sdk.vectors import file_sha256
 
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(four_photos[0].read_bytes())
-    real_identify = index_module.identify
+    real_identify = pipeline.identify
 
     def identify_then_replace(item):  # another process copies a photo over the file right after hashing
         found = real_identify(item)
         photo.write_bytes(four_photos[1].read_bytes())
         return found
 
-    monkeypatch.setattr(index_module, "identify", identify_then_replace)
+    monkeypatch.setattr(pipeline, "identify", identify_then_replace)
     errors = []
     with Index.create(tmp_path / "cases", model=model) as ix:
         assert ix.add([photo], on_error=errors.append) == [None]
         assert "changed while it was being added" in str(errors[0]) and str(photo) in str(errors[0])
         assert len(ix) == 0
-        monkeypatch.setattr(index_module, "identify", real_identify)
+        monkeypatch.setattr(pipeline, "identify", real_identify)
         (key,) = ix.add([photo])  # the photo now at the path, under its own identity
-        assert ix.get(key).sha256 == index_module.file_sha256(four_photos[1])
+        assert ix.get(key).sha256 == file_sha256(four_photos[1])
 
 
 def test_a_rebuild_killed_midway_leaves_nothing_at_the_new_path_and_a_rerun_completes(tmp_path, model, four_photos):

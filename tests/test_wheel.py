@@ -67,7 +67,7 @@ def test_wheel_contents(wheel: Path) -> None:
     top_level = {n.split("/", 1)[0] for n in names}
     assert not top_level & {"training", "export", "tests", "benchmarks", "examples", "runs", "checkpoints"}, sorted(top_level)
     assert {n for n in top_level if not n.endswith(".dist-info")} == {"fundus_sdk"}
-    assert "fundus_sdk/cli.py" in names and "fundus_sdk/__init__.py" in names
+    assert "fundus_sdk/cli/__init__.py" in names and "fundus_sdk/__init__.py" in names
     assert "fundus-sdk = fundus_sdk.cli:main" in entry_points
     # torch and friends only as an optional extra, never a plain requirement
     required = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tests.shared import RETINA
+from benchmarks.common import RETINA
 
 SKIMAGE_SAMPLES = (
     "astronaut", "brick", "camera", "cell", "chelsea", "chessboard_GRAY", "chessboard_RGB", "clock_motion",
