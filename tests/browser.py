@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +77,9 @@ class DevTools:
             self.events.append(json.loads(self.ws.recv()))
 
 
-def render(path: Path, width: int = 1400) -> Rendered:
-    """Open `path` in headless Chromium and report what it decoded, requested and showed."""
+@contextmanager
+def page(width: int = 1400) -> Iterator[DevTools]:
+    """A headless Chromium with one blank page, driven over DevTools; stopped on leaving."""
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.Popen(
             [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
@@ -93,18 +96,30 @@ def render(path: Path, width: int = 1400) -> Rendered:
                 time.sleep(0.1)
             port = int(port_file.read_text().split()[0])
             targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-            page = next(t for t in targets if t["type"] == "page")
-            tools = DevTools(page["webSocketDebuggerUrl"])
+            tools = DevTools(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
             tools.call("Network.enable")
             tools.call("Page.enable")
-            tools.call("Page.navigate", url=path.resolve().as_uri())
-            tools.wait_for("Page.loadEventFired")
-            images = json.loads(tools.call("Runtime.evaluate", expression=IMAGES_JS, returnByValue=True)["result"]["value"])
-            text = tools.call("Runtime.evaluate", expression="document.body.innerText", returnByValue=True)["result"]["value"]
-            shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-            requests = [e["params"]["request"]["url"] for e in tools.events if e.get("method") == "Network.requestWillBeSent"]
-            tools.ws.close()
+            try:
+                yield tools
+            finally:
+                tools.ws.close()
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def evaluate(tools: DevTools, expression: str):
+    """The value of a JavaScript expression in the page."""
+    return tools.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)["result"].get("value")
+
+
+def render(path: Path, width: int = 1400) -> Rendered:
+    """Open `path` in headless Chromium and report what it decoded, requested and showed."""
+    with page(width) as tools:
+        tools.call("Page.navigate", url=path.resolve().as_uri())
+        tools.wait_for("Page.loadEventFired")
+        images = json.loads(evaluate(tools, IMAGES_JS))
+        text = evaluate(tools, "document.body.innerText")
+        shot = tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        requests = [e["params"]["request"]["url"] for e in tools.events if e.get("method") == "Network.requestWillBeSent"]
     return Rendered(images, requests, Image.open(io.BytesIO(base64.b64decode(shot["data"]))), text)

@@ -17,6 +17,7 @@ from .embed import embed
 from .index import index
 from .info import info
 from .search import evaluate, search
+from .serve import keys, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__.split("\n\n")[1])
@@ -32,5 +33,5 @@ def main() -> None:
     """
 
 
-for command in (embed, index, search, evaluate, info):
+for command in (embed, index, search, evaluate, info, serve, keys):
     main.add_command(command)
