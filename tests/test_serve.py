@@ -133,6 +133,17 @@ def test_a_picture_that_is_not_a_fundus_photo_is_422_with_reasons_and_junk_is_40
     assert r.status_code == 400 and "nosuchfield" in r.json()["detail"]
 
 
+def test_a_dicom_upload_is_searched_by_its_pixels(server, gallery, tmp_path):
+    from tests.dicom_files import make_dicom, photo
+
+    query = gallery["photos"][7][0]
+    dicom = make_dicom(tmp_path / "IM0001", photo(query), syntax="jpeg2000")
+    r = httpx.post(f"{server.url}/v1/search", params={"k": 1}, headers=auth(gallery["search"]),
+                   files={"image": ("IM0001", dicom.read_bytes(), "application/dicom")}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["hits"][0]["key"] == 8 and r.json()["hits"][0]["score"] > 0.95
+
+
 def test_a_batch_answers_each_photo_and_names_the_bad_one(server, gallery):
     files = [("images", ("retina.jpg", RETINA.read_bytes())), ("images", ("junk.jpg", b"junk"))]
     r = httpx.post(f"{server.url}/v1/search/batch", params={"k": 2}, headers=auth(gallery["search"]), files=files, timeout=60)
