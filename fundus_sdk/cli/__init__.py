@@ -15,6 +15,7 @@ import click
 from .. import __version__
 from .embed import embed
 from .index import index
+from .intake import intake
 from .info import info
 from .search import evaluate, search
 from .serve import keys, serve
@@ -33,5 +34,5 @@ def main() -> None:
     """
 
 
-for command in (embed, index, search, evaluate, info, serve, keys):
+for command in (embed, index, search, evaluate, info, serve, keys, intake):
     main.add_command(command)
