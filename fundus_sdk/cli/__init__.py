@@ -15,8 +15,8 @@ import click
 from .. import __version__
 from .embed import embed
 from .index import index
-from .intake import intake
 from .info import info
+from .intake import intake
 from .search import evaluate, search
 from .serve import keys, serve
 
