@@ -1,4 +1,5 @@
-"""The `fundus-sdk` command, run for real in a subprocess on real EyePACS photos.
+"""The `fundus-sdk` command on real EyePACS photos: in this process (click's CliRunner), and in a
+real subprocess where only a process shows it (pipes, signals, binary stdout).
 
 One module-scoped workspace holds a folder of graded photos plus four problem files (a
 truncated JPEG, a zero-byte PNG, a text file named .jpg, and a CMYK JPEG made from a real
@@ -8,6 +9,7 @@ Nothing here depends on which model is bundled: only properties any correct mode
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -21,15 +23,18 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import fundus_sdk
 from fundus_sdk import Index, load_model
+from fundus_sdk.cli import main
 from tests.shared import RETINA, eyepacs_rows, eyepacs_sample, given, require_eyepacs
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -46,16 +51,20 @@ def fundus_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "fundus_sdk"]
 
 
-def run(*args: str | Path, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run `fundus-sdk ARGS...` to completion; stdout and stderr as text."""
-    return subprocess.run(
-        [*fundus_command(), *map(str, args)],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `fundus-sdk ARGS...` to completion in this process, with click's CliRunner (the same
+    code the installed command runs; tests of what only a real process has, a pipe closed early,
+    binary stdout or a signal, start one). Exit status, stdout and stderr as a subprocess's."""
+    with contextlib.chdir(cwd or Path.cwd()), warnings.catch_warnings():
+        warnings.simplefilter("default")  # as the command line shows them: on stderr, once
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
+def run_process(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`fundus-sdk ARGS...` in a real process, for what could hang: killed after `timeout`."""
+    return subprocess.run([*fundus_command(), *map(str, args)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
 
 
 def no_traceback(proc: subprocess.CompletedProcess) -> None:
@@ -636,7 +645,7 @@ def test_devices_fifos_and_dangling_links_are_named_and_the_rest_is_embedded(tmp
     os.mkfifo(folder / "pipe.jpg")  # opening it would block forever
     (folder / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
-    proc = run("embed", folder, tmp_path / "zero.jpg", "-o", tmp_path / "out.npz", timeout=120)
+    proc = run_process("embed", folder, tmp_path / "zero.jpg", "-o", tmp_path / "out.npz")
     no_traceback(proc)
     assert proc.returncode == 1, proc.stderr  # partial: the photo embedded, the rest named
     assert f"{folder / 'pipe.jpg'}: not a regular file (a FIFO (named pipe))" in proc.stderr
@@ -655,7 +664,7 @@ def test_a_tiny_dicom_declaring_a_billion_frames_is_refused_by_name(tmp_path: Pa
     ds = pydicom.dcmread(path)
     ds.NumberOfFrames = 10**9
     ds.save_as(path)
-    proc = run("embed", path, "-o", tmp_path / "out.npz", timeout=120)
+    proc = run_process("embed", path, "-o", tmp_path / "out.npz")
     no_traceback(proc)
     assert proc.returncode != 0 and f"{path}: declares 1000000000 frames, more than its" in proc.stderr
 

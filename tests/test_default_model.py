@@ -54,6 +54,7 @@ def subset_report(model) -> dict:
     return metrics.retrieval_report(q, g, q_grades, g_grades, 10)
 
 
+@pytest.mark.slow  # embeds a fixed subset of EyePACS: a minute
 def test_retrieval_on_a_fixed_subset_matches_the_claims(model, subset_report):
     claimed = model.metrics()
     for avg in ("micro", "macro"):

@@ -164,6 +164,7 @@ def orthanc_world(tmp_path: Path, photos: list[Path]) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # starts a real PACS
 def test_a_real_orthanc_forwards_photos_sent_by_rest_cstore_and_stow(tmp_path, photos):
     world = orthanc_world(tmp_path, photos)
     assert world["orthanc_instances"] == 3  # one photo by each way in

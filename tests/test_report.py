@@ -63,6 +63,7 @@ def test_attention_maps_are_distributions_placed_on_the_photo(model):
     assert np.abs(overlay - plain).mean() > 1  # the heatmap shows
 
 
+@pytest.mark.slow  # rewrites the bundled model without its attention output
 def test_a_model_without_the_attention_output_loads_but_cannot_explain(tmp_path, model):
     onnx = require("onnx")
     graph = onnx.load(model.path)  # as exported before the attention output existed:

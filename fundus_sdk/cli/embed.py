@@ -83,7 +83,7 @@ def embed(paths, output, fmt, ray_address, actors, recursive, batch_size, runtim
         embeddings = embed_files(model, files, batch_size=batch_size, check=not no_check, on_error=failed,
                                  progress=advance)  # fmt: skip
     elapsed = time.perf_counter() - started
-    write_embeddings(click.get_binary_stream("stdout") if output == "-" else output, embeddings, fmt)
+    write_embeddings(sys.stdout.buffer if output == "-" else output, embeddings, fmt)
     click.echo(
         f"embedded {len(embeddings)} images, {len(failures)} failed, {len(files) / max(elapsed, 1e-9):.1f} images/s -> "
         + ("stdout" if output == "-" else output),
