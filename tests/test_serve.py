@@ -215,6 +215,21 @@ def test_a_full_queue_is_503_with_retry_after_and_shutdown_drains_what_is_in_fli
         assert in_flight.result().status_code == 200  # drained, not dropped
 
 
+def test_two_workers_answer_alike_and_stop_together(gallery, tmp_path):
+    server = Server(gallery["index"], gallery["keys"], tmp_path / "workers.log", "--workers", "2")
+    query = gallery["photos"][6][0].read_bytes()
+
+    def search(_) -> list[int]:
+        r = httpx.post(f"{server.url}/v1/search", params={"k": 3}, headers=auth(gallery["search"]),
+                       files={"image": ("q.jpg", query)}, timeout=120)  # fmt: skip
+        return [h["key"] for h in r.raise_for_status().json()["hits"]]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(search, range(6)))
+    assert answers[0][0] == 7 and all(a == answers[0] for a in answers)
+    assert server.stop() == 0
+
+
 def test_every_endpoint_holds_to_its_openapi_schema(server, gallery):
     """schemathesis calls each operation (the HTML report's aside) with what the schema allows and
     more: no answer is a server error."""
