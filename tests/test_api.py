@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import fundus_sdk
-from tests.shared import FIXTURES, RETINA
+from tests.shared import FIXTURES, RETINA, eyepacs_sample
 
 
 def public_members() -> list[tuple[str, object]]:
@@ -65,3 +65,24 @@ def test_creating_an_index_says_nothing_on_stderr(tmp_path):
     code = f"import fundus_sdk\nfundus_sdk.Index.create({str(tmp_path / 'ix')!r}).close()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stderr == ""
+
+
+def test_query_answers_each_photo_with_its_verdict_hits_or_error(tmp_path):
+    with fundus_sdk.Index.create(tmp_path / "ix") as ix:
+        ix.add([RETINA, eyepacs_sample(1, split="train")[0][0]], [{"grade": 0}, {"grade": 1}])
+    junk = tmp_path / "notes.jpg"
+    junk.write_text("not a photo")
+    errors = []
+    results = fundus_sdk.query([RETINA, FIXTURES / "chelsea.jpg", junk], tmp_path / "ix", k=2, on_error=errors.append)
+    good, cat, bad = results
+    assert good.ok and good.verdict.fundus and [h.grade for h in good.hits][0] == 0 and good.generation == 1
+    assert not cat.ok and isinstance(cat.error, fundus_sdk.NotFundusError) and not cat.verdict.fundus and cat.hits == []
+    assert not bad.ok and bad.verdict is None and str(junk) in str(bad.error) and bad.query == str(junk)
+    assert sorted(errors, key=str) == sorted([cat.error, bad.error], key=str)  # each handed to on_error once
+    assert good.to_dict()["hits"][0]["key"] == good.hits[0].key and cat.to_dict()["error"] == cat.error.reason
+    try:
+        fundus_sdk.query([junk], tmp_path / "ix")
+    except fundus_sdk.ImageError as err:
+        assert str(junk) in str(err)
+    else:
+        raise AssertionError("on_error='raise' is the default")
