@@ -230,7 +230,7 @@ def test_two_workers_answer_alike_and_stop_together(gallery, tmp_path):
     assert server.stop() == 0
 
 
-def test_every_endpoint_holds_to_its_openapi_schema(server, gallery):
+def test_every_endpoint_holds_to_its_openapi_schema(server, gallery, tmp_path):
     """schemathesis calls each operation (the HTML report's aside) with what the schema allows and
     more: no answer is a server error."""
     schema = httpx.get(f"{server.url}/openapi.json").json()
@@ -239,7 +239,7 @@ def test_every_endpoint_holds_to_its_openapi_schema(server, gallery):
         [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json", "--header",
          f"Authorization: Bearer {gallery['admin']}", "--checks", "not_a_server_error", "--max-examples", "8",
          "--exclude-path", "/v1/report"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"}, cwd=tmp_path,  # its cache
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "Tested: 7" in result.stdout, result.stdout[-3000:]
