@@ -26,7 +26,7 @@ from . import vectors as vec
 from .contract import unit_rows
 from .disk import CASE_SELECT, DB_NAME, FORMAT, LOG_TABLE, connect
 from .errors import CaseIndexError
-from .filters import Where, compile_filter
+from .filters import INT64, Where, compile_filter
 from .labels import ICDR, Scale
 from .records import COLUMNS, Case, CaseRef, Change, Hit
 from .vectors import Settings, Vectors
@@ -291,6 +291,8 @@ class Reader:
         """The key of a case named by key, sha256 or photo path (None when there is none)."""
         conn = self._conn()
         if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+            if not INT64[0] <= int(ref) <= INT64[1]:  # no key is outside SQLite's integers
+                return None
             row = conn.execute("SELECT key FROM cases WHERE key = ?", (int(ref),)).fetchone()
         elif isinstance(ref, str) and len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
             row = conn.execute("SELECT key FROM cases WHERE sha256 = ?", (ref,)).fetchone()
@@ -322,7 +324,7 @@ class Reader:
         """The cases matching a filter (see fundus_sdk.filters) with keys above `after`, by key, at most `limit`."""
         condition, params = compile_filter(where, exclude, self.fields()) if (where or exclude) else ("1", [])
         rows = self._conn().execute(f"{CASE_SELECT} WHERE {condition} AND key > ? ORDER BY key LIMIT ?",
-                                    [*params, after, -1 if limit is None else limit]).fetchall()  # fmt: skip
+                                    [*params, min(after, INT64[1]), -1 if limit is None else limit]).fetchall()  # fmt: skip
         return [self._case(r) for r in rows]
 
     def fields(self) -> list[str]:

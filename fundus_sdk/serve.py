@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import Path as FastPath
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__, contract
 from .errors import FundusError, ImageError
-from .filters import FilterError, conditions_to_where
+from .filters import INT64, FilterError, conditions_to_where
 from .gate import NotFundusError
 from .index import Index
 from .keys import Key, authenticate, read_keys
@@ -285,7 +286,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"hits": [h.to_dict() for h in hits[0]], "model": svc.model_info(), "index": svc.index_info()}
 
     @app.get("/v1/cases/{case_key}", summary="One case by its key")
-    async def case(request: Request, case_key: int, key: Key = Depends(require("search"))):
+    async def case(request: Request, case_key: int = FastPath(ge=1, le=INT64[1]), key: Key = Depends(require("search"))):
         try:
             found = await run_in_threadpool(live().index.get, case_key)
         except KeyError:
@@ -294,7 +295,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return found.to_dict()
 
     @app.get("/v1/cases", summary="Cases by key, a page at a time: pass the last key of a page as `after`")
-    async def cases(request: Request, after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000),
+    async def cases(request: Request, after: int = Query(0, ge=0, le=INT64[1]), limit: int = Query(100, ge=1, le=1000),
                     key: Key = Depends(require("search"))):  # fmt: skip
         page = await run_in_threadpool(live().index.cases, None, None, after=after, limit=limit)
         request.state.case_keys = [c.key for c in page]
