@@ -1,7 +1,7 @@
 """A world for tests/test_intake.py, run in a network namespace of its own (`unshare -n`): the
 loopback up and nothing else, a real Orthanc, and `fundus-sdk intake` beside it.
 
-    unshare -n -- python tests/pacs_world.py WORKDIR OUT.json PHOTO.dcm PHOTO.dcm PHOTO.dcm
+    unshare --map-root-user --net -- python tests/pacs_world.py WORKDIR OUT.json PHOTO.dcm PHOTO.dcm PHOTO.dcm
 
 WORKDIR holds the index `cases`; the three photos reach Orthanc by REST, C-STORE and STOW-RS, and
 Orthanc forwards each to the intake (a DicomModalities entry); the intake also reads Orthanc's

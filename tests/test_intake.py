@@ -1,7 +1,8 @@
 """`fundus-sdk intake`: a real Storage SCP, real associations (pynetdicom), a real Orthanc.
 
 Orthanc 1.10 listens on every interface, so the tests that start it run in a network namespace
-of their own (`unshare -n`, with only the loopback up): tests/pacs_world.py is that world.
+of their own, with only the loopback up (`unshare --map-root-user --net`, which needs no root
+where user namespaces are allowed): tests/pacs_world.py is that world.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def orthanc_world(tmp_path: Path, photos: list[Path]) -> dict:
         unavailable("needs Debian's orthanc and orthanc-dicomweb (.ci/run installs them) and unshare")
     Index.create(tmp_path / "cases").close()
     out = tmp_path / "world.json"
-    cmd = ["unshare", "-n", "--", sys.executable, str(REPO / "tests" / "pacs_world.py"), str(tmp_path), str(out),
+    cmd = ["unshare", "--map-root-user", "--net", "--", sys.executable, str(REPO / "tests" / "pacs_world.py"), str(tmp_path), str(out),
            *map(str, photos)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
