@@ -1,4 +1,4 @@
-"""A world for tests/test_intake.py, run in a network namespace of its own (`unshare -n`): the
+"""A world for tests/test_intake.py, run in a network namespace of its own: the
 loopback up and nothing else, a real Orthanc, and `fundus-sdk intake` beside it.
 
     unshare --map-root-user --net -- python tests/pacs_world.py WORKDIR OUT.json PHOTO.dcm PHOTO.dcm PHOTO.dcm
