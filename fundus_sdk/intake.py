@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
@@ -180,7 +179,7 @@ class Intake:
     def handlers(self) -> list:
         def stored(event) -> int:
             try:
-                data = encoded(event)
+                data = event.encoded_dataset()  # preamble, file meta and the dataset as sent
                 sop_uid = str(event.request.AffectedSOPInstanceUID)
                 self.spool_instance(data, sop_uid)
             except OSError as exc:  # a full disk: the sender keeps the photo and retries
@@ -226,15 +225,6 @@ class Intake:
             log.info("intake: Orthanc instance %s is not a photograph (SOP class %s); skipped", instance, ds.get("SOPClassUID"))
             return
         self.spool_instance(data, str(ds.SOPInstanceUID))
-
-
-def encoded(event) -> bytes:
-    """A received instance as a DICOM file: preamble, file meta and the dataset as sent."""
-    out = io.BytesIO()
-    out.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(out, event.file_meta, enforce_standard=True)
-    out.write(event.request.DataSet.getvalue())
-    return out.getvalue()
 
 
 def get_json(url: str) -> dict:
