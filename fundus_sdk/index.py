@@ -270,10 +270,12 @@ class Index:
         if ref is None:
             return self._store.history()
         key = self._store.key_of(ref)
-        changes = self._store.history(key if key is not None else int(ref) if isinstance(ref, (int, np.integer)) else -1)
-        if not changes and key is None:
+        if key is not None:
+            return self._store.history(key)
+        removed = self._store.history(int(ref)) if isinstance(ref, (int, np.integer)) else []  # a removed case's, by key
+        if not removed:
             raise KeyError(f"{self.path} has no case {ref!r}")
-        return changes
+        return removed
 
     def export(self, out: str | Path, fmt: str | None = None) -> int:
         """Write every case (all but the vectors) as CSV or JSON Lines (by `fmt` or the suffix) to

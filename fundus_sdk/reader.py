@@ -45,11 +45,19 @@ class Snapshot:
 
     @property
     def base(self) -> int:
-        """The generation of the vector file on disk; later changes are in the vector log
-        (indexes from before the log: the current generation)."""
-        return int(self.info.get("vectors_generation", self.info["generation"]))
+        """The generation of its vector file."""
+        return vector_base(self.info)
 
 
+def vector_base(info: dict[str, str]) -> int:
+    """The generation of the vector file an `info` table names; later changes are in the vector
+    log (indexes from before the log: the current generation)."""
+    return int(info.get("vectors_generation", info["generation"]))
+
+
+def storable(key: int) -> bool:
+    """Whether a key fits SQLite's integers (a key outside them names no case)."""
+    return INT64[0] <= key <= INT64[1]
 
 
 class Reader:
@@ -197,12 +205,11 @@ class Reader:
 
     def _advance(self, snap: Snapshot) -> Snapshot:
         """The snapshot after `snap`: the logged changes applied when the vector file is the same."""
-        if snap.base <= snap.generation:
-            info, count, keys, vecs, removed = self._logged(since=snap.generation)
-            if int(info.get("vectors_generation", info["generation"])) == snap.base:
-                vectors = vec.updated(snap.vectors, keys, vecs, removed)
-                if len(vectors) == count:
-                    return Snapshot(int(info["generation"]), info, vectors)
+        info, count, keys, vecs, removed = self._logged(since=snap.generation)
+        if vector_base(info) == snap.base:
+            vectors = vec.updated(snap.vectors, keys, vecs, removed)
+            if len(vectors) == count:
+                return Snapshot(int(info["generation"]), info, vectors)
         return self._load()
 
     def _vector_file(self, generation: int) -> Path:
@@ -214,10 +221,9 @@ class Reader:
         may rewrite the vector file meanwhile and remove the old one: then the newer one is read."""
         vectors = None
         for _ in range(20):
-            first = self._read_info(self._conn())
-            base = int(first.get("vectors_generation", first["generation"]))
+            base = vector_base(self._read_info(self._conn()))
             info, count, keys, vecs, removed = self._logged(since=base)
-            if int(info.get("vectors_generation", info["generation"])) != base:  # rewritten since `base` was read
+            if vector_base(info) != base:  # rewritten since `base` was read
                 continue
             file = self._vector_file(base)
             try:
@@ -291,7 +297,7 @@ class Reader:
         """The key of a case named by key, sha256 or photo path (None when there is none)."""
         conn = self._conn()
         if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
-            if not INT64[0] <= int(ref) <= INT64[1]:  # no key is outside SQLite's integers
+            if not storable(int(ref)):
                 return None
             row = conn.execute("SELECT key FROM cases WHERE key = ?", (int(ref),)).fetchone()
         elif isinstance(ref, str) and len(ref) == 64 and all(c in "0123456789abcdef" for c in ref):
@@ -334,7 +340,7 @@ class Reader:
 
     def history(self, key: int | None = None) -> list[Change]:
         """Recorded changes of stored values, oldest first (of one key, or of all)."""
-        if not self._has_table("changes"):
+        if not self._has_table("changes") or (key is not None and not storable(key)):
             return []
         query = "SELECT key, at, field, old, new FROM changes" + (" WHERE key = ?" if key is not None else "") + " ORDER BY id"
         rows = self._conn().execute(query, () if key is None else (key,)).fetchall()
