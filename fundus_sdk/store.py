@@ -173,6 +173,21 @@ class Store(Reader):
                 self._writing = None
                 lock.close()  # releases the lock
 
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """One write transaction, committed when the block ends; on any error rolled back, a
+        SQLite error (a full disk) raised as the index's, which stays as it was."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:  # SQLite may have rolled back itself (a full disk): keep the cause
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise CaseIndexError(f"{self.path}: the change could not be committed ({exc}); the index is as it was") from exc
+            raise
+
     def _write_vector_file(self, snap: Snapshot, generation: int) -> Snapshot:
         """Write `snap`'s vectors as `generation`'s vector file and make it the base: its checksum
         recorded and the vector log emptied, in the caller's transaction or its own."""
@@ -201,30 +216,25 @@ class Store(Reader):
         with self.writer() as conn:
             snap = self._snap
             new = snap.generation + 1
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("INSERT OR IGNORE INTO info VALUES ('vectors_generation', ?)", (str(new - 1),))
-                result, added, added_vecs, removed = change(conn)
-                conn.executemany(f"INSERT INTO {LOG_TABLE} (generation, key, added) VALUES (?, ?, ?)",
-                                 [(new, int(k), 1) for k in added] + [(new, int(k), 0) for k in removed])  # fmt: skip
-                vectors = vec.updated(snap.vectors, np.array(added, np.uint64), added_vecs if len(added) else
-                                      np.empty((0, self.dim), np.float32), np.array(removed, np.uint64))  # fmt: skip
-                conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
-                info = snap.info | {"generation": str(new)}
-                info.setdefault("vectors_generation", str(new - 1))
-                snap = Snapshot(new, info, vectors)
-                if conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] > self.settings.log_limit:
-                    if vec.holds_removed_slots(vectors):  # which usearch 2.25 saves but cannot read back:
-                        snap = replace(snap, vectors=self._vectors_from_sqlite(info))  # a fresh index has none
-                    snap = self._write_vector_file(snap, new)
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                with self._transaction(conn):
+                    conn.execute("INSERT OR IGNORE INTO info VALUES ('vectors_generation', ?)", (str(new - 1),))
+                    result, added, added_vecs, removed = change(conn)
+                    conn.executemany(f"INSERT INTO {LOG_TABLE} (generation, key, added) VALUES (?, ?, ?)",
+                                     [(new, int(k), 1) for k in added] + [(new, int(k), 0) for k in removed])  # fmt: skip
+                    vectors = vec.updated(snap.vectors, np.array(added, np.uint64), added_vecs if len(added) else
+                                          np.empty((0, self.dim), np.float32), np.array(removed, np.uint64))  # fmt: skip
+                    conn.execute("UPDATE info SET value = ? WHERE name = 'generation'", (str(new),))
+                    info = snap.info | {"generation": str(new)}
+                    info.setdefault("vectors_generation", str(new - 1))
+                    snap = Snapshot(new, info, vectors)
+                    if conn.execute(f"SELECT COUNT(*) FROM {LOG_TABLE}").fetchone()[0] > self.settings.log_limit:
+                        if vec.holds_removed_slots(vectors):  # which usearch 2.25 saves but cannot read back:
+                            snap = replace(snap, vectors=self._vectors_from_sqlite(info))  # a fresh index has none
+                        snap = self._write_vector_file(snap, new)
+            except BaseException:
                 self._vector_file(new).unlink(missing_ok=True)
-                self._snap = self._load()
-                if isinstance(exc, sqlite3.Error):  # e.g. a full disk at commit
-                    raise CaseIndexError(f"{self.path}: the change could not be committed ({exc}); the index is as it was") from exc
+                self._snap = self._load()  # the vectors in memory may hold the change: read them again
                 raise
             self._snap = snap
             self._remove_leftovers()
@@ -266,32 +276,23 @@ class Store(Reader):
     def update(self, key: int, grade: int | None, extra: dict[str, Any], removed: Sequence[str]) -> None:
         """Set a case's grade (None: unchanged) and metadata fields, remove fields; each change recorded in `changes`."""
         at = now()
-        with self.writer() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                stored_grade, stored_meta = conn.execute("SELECT grade, meta FROM cases WHERE key = ?", (key,)).fetchone()
-                meta = json.loads(stored_meta)
-                changes = []
-                if grade is not None and grade != stored_grade:
-                    changes.append(("grade", stored_grade, grade))
-                    stored_grade = grade
-                for name in removed:
-                    if name in meta:
-                        changes.append((name, meta.pop(name), None))
-                for name, value in extra.items():
-                    if meta.get(name) != value:
-                        changes.append((name, meta.get(name), value))
-                        meta[name] = value
-                conn.execute("UPDATE cases SET grade = ?, meta = ? WHERE key = ?", (stored_grade, json.dumps(meta, default=str), key))
-                conn.executemany("INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, ?, ?, ?)",
-                                 [(key, at, f, dumps(o), dumps(v)) for f, o, v in changes])  # fmt: skip
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                if conn.in_transaction:  # SQLite may have rolled back itself (a full disk): keep the cause
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise CaseIndexError(f"{self.path}: the change could not be committed ({exc}); the index is as it was") from exc
-                raise
+        with self.writer() as conn, self._transaction(conn):
+            stored_grade, stored_meta = conn.execute("SELECT grade, meta FROM cases WHERE key = ?", (key,)).fetchone()
+            meta = json.loads(stored_meta)
+            changes = []
+            if grade is not None and grade != stored_grade:
+                changes.append(("grade", stored_grade, grade))
+                stored_grade = grade
+            for name in removed:
+                if name in meta:
+                    changes.append((name, meta.pop(name), None))
+            for name, value in extra.items():
+                if meta.get(name) != value:
+                    changes.append((name, meta.get(name), value))
+                    meta[name] = value
+            conn.execute("UPDATE cases SET grade = ?, meta = ? WHERE key = ?", (stored_grade, json.dumps(meta, default=str), key))
+            conn.executemany("INSERT INTO changes (key, at, field, old, new) VALUES (?, ?, ?, ?, ?)",
+                             [(key, at, f, dumps(o), dumps(v)) for f, o, v in changes])  # fmt: skip
 
     def remove(self, keys: Sequence[int], purge: Callable[[str], bool] = lambda field: False) -> int:
         """Remove cases by key; returns how many were there. Each removal is recorded in the history
