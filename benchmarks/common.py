@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -28,6 +29,13 @@ RETINA = REPO / "tests" / "fixtures" / "retina.jpg"  # CC0 (scikit-image's retin
 
 EYEPACS_IMAGES = EYEPACS / "images"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server started by a script or test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _proc_field(path: str, key: str) -> str | None:

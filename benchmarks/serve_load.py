@@ -12,7 +12,6 @@ one shared read-only Index, in the same run. Each side sends `count` requests of
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from fundus_sdk import Index, load_model
 from fundus_sdk.keys import create_key
 from fundus_sdk.tables import format_table
 
-from .common import photos, print_header, ratio
+from .common import free_port, photos, print_header, ratio
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -64,9 +63,7 @@ def main() -> None:
         with Index.create(root / "cases", model=load_model()) as ix:
             ix.add(gallery, check=False)
         _, key = create_key(root / "keys", "search")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "fundus_sdk", "serve", str(root / "cases"), "--keys", str(root / "keys"),
                                    "--port", str(port), "--threads", str(args.concurrency)], stderr=subprocess.DEVNULL)  # fmt: skip
         url = f"http://127.0.0.1:{port}"

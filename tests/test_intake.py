@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import free_port
 from fundus_sdk import Index
 from tests.dicom_files import IDENTIFIERS, make_dicom, photo
 from tests.shared import REPO, eyepacs_sample, require, unavailable
 
 pynetdicom = require("pynetdicom", extra="pacs")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:

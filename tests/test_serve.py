@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,12 @@ import numpy as np
 import pytest
 
 import fundus_sdk
+from benchmarks.common import free_port
 from fundus_sdk import Index
 from tests.shared import FIXTURES, RETINA, eyepacs_sample, require
 
 httpx = require("httpx", extra="dev")
 require("fastapi", extra="serve")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
