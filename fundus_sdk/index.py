@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -458,9 +459,7 @@ def query(
     answered (unreadable, or not a fundus photograph), its error. Errors also go to `on_error`:
     "raise" (the default) raises the first, "skip" warns, a callable receives each. Every query
     of one call is searched in the same committed state of the index (`QueryResult.generation`)."""
-    if isinstance(index, Index):
-        return index.query(as_list(images), k, where, exclude, check, on_error)
-    with Index.open(index, read_only=True) as ix:
+    with searched(index) as ix:
         return ix.query(as_list(images), k, where, exclude, check, on_error)
 
 
@@ -473,7 +472,15 @@ def search(
     check: bool = True,
 ) -> list[Hit]:
     """The nearest cases for one query, best first (an index or its directory); see Index.search."""
-    if isinstance(index, Index):
-        return index.search(query, k=k, where=where, exclude=exclude, check=check)
-    with Index.open(index, read_only=True) as ix:
+    with searched(index) as ix:
         return ix.search(query, k=k, where=where, exclude=exclude, check=check)
+
+
+@contextmanager
+def searched(index: Index | str | Path) -> Iterator[Index]:
+    """The index given, or the one in that directory opened read-only for the call (and closed after)."""
+    if isinstance(index, Index):
+        yield index
+        return
+    with Index.open(index, read_only=True) as ix:
+        yield ix

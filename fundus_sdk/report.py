@@ -27,7 +27,7 @@ from .atomic import write_output
 from .errors import ImageError, OnError
 from .explain import Explanation
 from .filters import Where
-from .index import Hit, Index, photo_of
+from .index import Hit, Index, photo_of, searched
 from .inputs import ImageInput
 from .labels import ICDR, Scale, grade_name
 from .model import Model, as_list
@@ -198,13 +198,11 @@ def report(
     A query that cannot be read or is not a fundus photograph goes to `on_error` ("raise", the
     default; "skip" warns and reports the others; or a callable), never into the report.
     """
-    if not isinstance(index, Index):
-        with Index.open(index, read_only=True) as ix:
-            return report(queries, ix, k=k, where=where, exclude=exclude, check=check, on_error=on_error)
     images = as_list(queries)
-    answered = index.query(images, k, where, exclude, check, on_error)
-    warn_ungradable(answered)
-    return Report.build(index, [(image, r.hits) for image, r in zip(images, answered) if r.ok])
+    with searched(index) as ix:
+        answered = ix.query(images, k, where, exclude, check, on_error)
+        warn_ungradable(answered)
+        return Report.build(ix, [(image, r.hits) for image, r in zip(images, answered) if r.ok])
 
 
 # -- rendering helpers ----------------------------------------------------------------------------
