@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import EYEPACS, REPO, RETINA, print_header
+from benchmarks.common import EYEPACS, IDRID, RETINA, print_header
 from fundus_sdk import Model, metrics
 from fundus_sdk.explain import wholly_inside
-
-IDRID = REPO.parent / "shared" / "data" / "idrid"
 
 
 def split(data: Path, name: str) -> tuple[list[Path], np.ndarray]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
 
-from benchmarks.common import EYEPACS, REPO, RETINA  # noqa: F401 (the tests import REPO from here)
+from benchmarks.common import EYEPACS, IDRID, REPO, RETINA  # noqa: F401 (the tests import REPO from here)
 from fundus_sdk.labels import GRADES
 
 FIXTURES = RETINA.parent
@@ -23,14 +23,18 @@ FIXTURES = RETINA.parent
 
 def require_eyepacs() -> Path:
     """The EyePACS folder; fails under CI, skips elsewhere, when it is missing."""
-    import pytest
+    return _require_data(EYEPACS, "EyePACS")
 
-    if (EYEPACS / "labels.csv").is_file():
-        return EYEPACS
-    message = f"{EYEPACS} is missing: tests read the EyePACS photos from ../shared beside the checkout"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+
+def require_idrid() -> Path:
+    """The IDRiD folder (the second camera); fails under CI, skips elsewhere, when it is missing."""
+    return _require_data(IDRID, "IDRiD")
+
+
+def _require_data(folder: Path, name: str) -> Path:
+    if (folder / "labels.csv").is_file():
+        return folder
+    unavailable(f"{folder} is missing: tests read the {name} photos from ../shared beside the checkout")
 
 
 def eyepacs_rows(split: str = "test") -> list[dict]:

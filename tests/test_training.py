@@ -17,7 +17,7 @@ from PIL import Image
 
 from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
-from tests.shared import FIXTURES, REPO, eyepacs_sample
+from tests.shared import FIXTURES, eyepacs_sample, require_idrid
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, split_records
 from training.data import BalancedBatches, LabelError, read_labels
@@ -506,9 +506,7 @@ def test_weighted_sources_are_drawn_as_often_as_their_weight_says():
 @pytest.fixture(scope="module")
 def second_source(tmp_path_factory) -> Path:
     """A small IDRiD label file: another camera, its own official split."""
-    idrid = REPO.parent / "shared" / "data" / "idrid"
-    if not idrid.is_dir():
-        pytest.fail(f"{idrid}: the IDRiD photos are missing (CI has them beside the checkout)")
+    idrid = require_idrid()
     with open(idrid / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     chosen = [r for r in rows if r["split"] == "train"][:12] + [r for r in rows if r["split"] == "test"][:4]
