@@ -112,6 +112,7 @@ def ensemble_files(
         contract.DIM: str(model.graph.output[0].type.tensor_type.shape.dim[1].dim_value),
         contract.BACKBONE: "+".join(m[contract.BACKBONE] for m in metas),
         contract.MIRRORING: "+".join(sorted({m[contract.MIRRORING] for m in metas})),
+        contract.ATTENTION_MASK: "+".join(sorted({m.get(contract.ATTENTION_MASK, "none") for m in metas})),
         contract.TRAINING_DATA: first[contract.TRAINING_DATA],
         contract.LICENCE: " ".join(dict.fromkeys(s.rstrip(".") + "." for m in metas for s in m[contract.LICENCE].split(". "))),
         contract.METRICS: json.dumps(metrics or {}, sort_keys=True),

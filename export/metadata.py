@@ -73,6 +73,7 @@ def build_metadata(ckpt: Checkpoint, *, name: str, version: str, precision: str)
         contract.PRECISION: precision,
         contract.BACKBONE: cfg.backbone,
         contract.MIRRORING: cfg.mirroring,
+        contract.ATTENTION_MASK: cfg.attention_mask,
         contract.INPUT_LAYOUT: "NHWC",
         contract.INPUT_DTYPE: "uint8",
         contract.INPUT_COLOUR: "RGB",

@@ -28,6 +28,7 @@ FINGERPRINT = "model.fingerprint"  # sha256 hex of the graph's weights (initiali
 PRECISION = "model.precision"  # "fp32" | "fp16-weights" | "fp16" | "int8"
 BACKBONE = "model.backbone"  # timm name
 MIRRORING = "model.mirroring"  # "feature" | "image" | "none"
+ATTENTION_MASK = "model.attention_mask"  # "fov": attention only on the field of view; "none" (or absent): anywhere
 INPUT_LAYOUT = "input.layout"  # "NHWC"
 INPUT_DTYPE = "input.dtype"  # "uint8"
 INPUT_COLOUR = "input.colour"  # "RGB"

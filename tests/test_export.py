@@ -165,6 +165,7 @@ def test_onnx_matches_torch_per_image_on_photos(which, request, photos):
         surround = (x == 128).all(axis=3)
         touched = surround.reshape(len(x), side, cell, side, cell).mean(axis=(2, 4)) > 0.05  # a run of surround, not a lone grey pixel
         assert touched.any() and maps[touched].max() < 1e-6
+    assert report.metadata[contract.ATTENTION_MASK] == ("fov" if which == "masked" else "none")  # `fundus-sdk info` says so
 
 
 def ckpt_side(ckpt: Path) -> int:
@@ -197,7 +198,7 @@ def test_metadata_round_trips_through_onnxruntime(lite0):
     assert meta[contract.FORMAT] == contract.FORMAT_VERSION
     assert meta[contract.DIM] == "256" and meta[contract.INPUT_SIZE] == "256"
     assert meta[contract.PRECISION] == "fp32" and meta[contract.BACKBONE] == "tf_efficientnet_lite0"
-    assert meta[contract.MIRRORING] == "feature"
+    assert meta[contract.MIRRORING] == "feature" and meta[contract.ATTENTION_MASK] == "none"
     layout = (meta[contract.INPUT_LAYOUT], meta[contract.INPUT_DTYPE], meta[contract.INPUT_COLOUR])
     assert layout == ("NHWC", "uint8", "RGB")
     assert json.loads(meta[contract.NORMALISE_MEAN]) == json.loads(meta[contract.NORMALISE_STD]) == [0.5] * 3
@@ -410,6 +411,7 @@ def test_ensemble_cosine_is_the_weighted_mean_of_its_members(tiny_ensemble, phot
     recorded = json.loads(both.metadata[contract.MEMBERS])
     assert [r["fingerprint"] for r in recorded] == [m.weights_fingerprint for m in parts]  # as each member's file says
     assert [r["weight"] for r in recorded] == pytest.approx([0.7, 0.3])
+    assert both.metadata[contract.ATTENTION_MASK] == "none"  # as both members'
     assert both.fingerprint not in {m.fingerprint for m in parts}
 
 
