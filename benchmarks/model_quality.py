@@ -56,7 +56,7 @@ def heatmap_figure(models: list[Model], photos: list[Path], side: int = 240) -> 
 def row(name: str, report: dict) -> str:
     grades = report["per_grade"]["mHR"]
     chance = report["chance"]["per_grade"]["mHR"] if "per_grade" in report["chance"] else {}
-    per = "  ".join(f"g{g} {v:.3f} ({v / chance[g]:.1f}x)" if chance.get(g) else f"g{g} {v:.3f}" for g, v in grades.items())
+    per = "  ".join(f"g{g} {v:.3f} ({v / chance[g]:.2f}x)" if chance.get(g) else f"g{g} {v:.3f}" for g, v in grades.items())
     return (f"  {name:<34} micro {report['micro']['mHR']:.3f} (chance {report['chance']['micro']['mHR']:.3f})  "
             f"macro {report['macro']['mHR']:.3f} (chance {report['chance']['macro']['mHR']:.3f})  {per}")  # fmt: skip
 
