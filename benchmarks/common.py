@@ -21,9 +21,9 @@ from pathlib import Path
 from training.data import DATA_ENV
 
 # Where the photos are, for benchmarks and tests alike (tests/shared.py reads these): EyePACS in
-# the folder FUNDUS_SDK_DATA names, by default ../shared/data/eyepacs256 beside the checkout, IDRiD
-# in ../shared/data/idrid;
-# resolved as the index stores photos' paths (a shared/ reached through a link compares equal).
+# the folder FUNDUS_SDK_DATA names, by default ../shared/data/eyepacs256 beside the checkout, and
+# IDRiD in ../shared/data/idrid, each resolved as the index stores photos' paths (a shared/ reached
+# through a link compares equal).
 REPO = Path(__file__).resolve().parents[1]
 EYEPACS = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data" / "eyepacs256").resolve()
 IDRID = (REPO.parent / "shared" / "data" / "idrid").resolve()  # the second camera (CC BY 4.0), its official split
