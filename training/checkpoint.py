@@ -4,6 +4,7 @@ A checkpoint is a dict with "model" (state dict), "model_config" (ModelConfig fi
 "train_config" (TrainConfig fields, with "preprocess"), "data" (training data summary), "epoch",
 "validation", "best_score", "history" and, after a finished run, "test" (retrieval metrics on
 the held-out split) and "train_seconds". `last.pt` also holds the optimiser and scheduler.
+Trained on several sources, "validation" and "test" hold a report per source, by source name.
 """
 
 from __future__ import annotations
