@@ -329,8 +329,8 @@ class Reader:
               limit: int | None = None) -> list[Case]:  # fmt: skip
         """The cases matching a filter (see fundus_sdk.filters) with keys above `after`, by key, at most `limit`."""
         condition, params = compile_filter(where, exclude, self.fields()) if (where or exclude) else ("1", [])
-        rows = self._conn().execute(f"{CASE_SELECT} WHERE {condition} AND key > ? ORDER BY key LIMIT ?",
-                                    [*params, min(after, INT64[1]), -1 if limit is None else limit]).fetchall()  # fmt: skip
+        after, limit = min(max(after, INT64[0]), INT64[1]), -1 if limit is None else min(limit, INT64[1])  # SQLite's integers
+        rows = self._conn().execute(f"{CASE_SELECT} WHERE {condition} AND key > ? ORDER BY key LIMIT ?", [*params, after, limit]).fetchall()
         return [self._case(r) for r in rows]
 
     def fields(self) -> list[str]:

@@ -47,6 +47,7 @@ def test_a_store_needs_no_model_and_keeps_its_records(tmp_path):
         (hits,) = reader.search(vecs[5:6], 3)
         assert hits[0].key == 6 and hits[0].path == "/photos/5.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-5)
         assert [c.key for c in reader.cases(after=4, limit=3)] == [5, 6, 7] and reader.cases(after=2**70) == []
+        assert [c.key for c in reader.cases(after=-(2**70), limit=2)] == [1, 2] and len(reader.cases(after=8, limit=2**70)) == 2
         assert reader.key_of(2**70) is None and reader.history(2**70) == []  # beyond SQLite's integers: no such case
         assert sorted(h.key for h in reader.search(vecs[2:3], 20, where={"grade": [2]})[0]) == [4, 8]  # 3 gone, 4 re-graded
         assert reader.check()["ok"] and reader.settings.log_limit == 3
