@@ -18,7 +18,7 @@ from PIL import Image
 from fundus_sdk.errors import Exit
 from fundus_sdk.preprocess import Preprocess
 from tests.shared import FIXTURES, eyepacs_sample, require_idrid
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, split_records
 from training.data import BalancedBatches, LabelError, read_labels
 from training.evaluate import embed_members, evaluate, sweep_weights
@@ -334,6 +334,35 @@ def test_init_from_a_model_of_another_scale_keeps_everything_but_the_grade_head(
     ckpt.load_weights_into(net)
     assert torch.equal(net.classifier.weight, head)  # 3 classes here, 5 in the checkpoint: left as initialised
     assert torch.equal(net.state_dict()["backbone.conv_stem.weight"], ckpt.state["model"]["backbone.conv_stem.weight"])
+
+
+def test_a_teacher_keeps_a_fine_tuned_descriptor_near_its_own(whole_run, tiny_data, tmp_path):
+    cfg, best = whole_run
+    ckpt = load_checkpoint(best)
+    masked = replace(ckpt.config, attention_mask="fov")  # the change a teacher is for: what the attention pools moves
+    tuned = {}
+    for weight in (0.0, 50.0):
+        run = replace(cfg, out=str(tmp_path / f"w{weight:g}"), init=str(best), teacher=str(best), teacher_weight=weight, epochs=1)
+        tuned[weight] = load_checkpoint(train(run, masked)).network()
+    assert "kept near the descriptors of" in (tmp_path / "w50" / "log.txt").read_text()
+    pp = ckpt.preprocess
+    x = torch.from_numpy(np.stack([pp(p) for p, _ in eyepacs_sample(8, split="test")]))
+    teacher = ckpt.network()
+    with torch.no_grad():
+        target = teacher(teacher.normalise(x))
+        near = {w: float((net(net.normalise(x)) * target).sum(1).mean()) for w, net in tuned.items()}
+    assert near[50.0] > near[0.0] + 0.01
+
+
+@pytest.mark.parametrize("model, message", [
+    (ModelConfig(dim=32, input_size=128, frozen_blocks=0), "cannot teach this model"),  # another input size
+    (ModelConfig(dim=32, input_size=96, frozen_blocks=4), "needs --frozen-blocks 0"),  # trains on the cached trunk
+])  # fmt: skip
+def test_a_teacher_that_cannot_teach_the_model_is_refused_naming_it(whole_run, tmp_path, model, message):
+    cfg, best = whole_run
+    with pytest.raises(CheckpointError, match=message) as refused:
+        train(replace(cfg, out=str(tmp_path / "t"), teacher=str(best)), model)
+    assert str(best) in str(refused.value)
 
 
 def test_evaluate_reports_the_patient_split_and_the_papers_image_split(whole_run, tiny_data, capsys):

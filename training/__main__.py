@@ -83,6 +83,11 @@ def add_schedule(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--init", default=TrainConfig.init, metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (fine-tune an existing model)")
     p.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    p.add_argument("--teacher", default=TrainConfig.teacher, metavar="CHECKPOINT",
+                   help="keep the descriptor near this frozen checkpoint's for every training view (e.g. the "
+                   "unmasked model while fine-tuning it with --attention-mask fov)")
+    p.add_argument("--teacher-weight", type=float, default=TrainConfig.teacher_weight,
+                   help="weight of the teacher term (1 - cosine to the teacher's descriptor)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,8 @@ class TrainConfig:
     ordinal_weight: float = 0.0  # weight of the ordinal term: expected grade of the grade head vs the grade
     device: str = "auto"  # auto (CUDA when visible), cpu or cuda (bf16 autocast)
     init: str = ""  # a checkpoint to start from (fine-tuning an existing model)
+    teacher: str = ""  # a checkpoint whose descriptor of each training view the model is kept near
+    teacher_weight: float = 5.0  # weight of that term (1 - cosine to the teacher's descriptor)
     preprocess: Preprocess = field(default_factory=Preprocess)  # its size is the model's input size
 
     def __post_init__(self) -> None:
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"{len(self.source_weights)} source weights given for {len(self.sources)} data sources")
         if any(w <= 0 for w in self.source_weights):
             raise ValueError(f"source weights must be positive, got {self.source_weights}")
+        if self.teacher_weight < 0:
+            raise ValueError(f"the teacher's weight must be non-negative, got {self.teacher_weight}")
 
     @property
     def sources(self) -> list[str]:

@@ -1,5 +1,5 @@
-"""Losses: metric learning on unit descriptors (the fine triplet loss, a batch-hard baseline) and
-the ordinal term on the grade head."""
+"""Losses: metric learning on unit descriptors (the fine triplet loss, a batch-hard baseline), the
+ordinal term on the grade head, and the pull toward a teacher's descriptors."""
 
 from __future__ import annotations
 
@@ -75,6 +75,16 @@ def ordinal_loss(logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     """
     expected = torch.softmax(logits.float(), dim=1) @ torch.arange(logits.shape[1], device=logits.device, dtype=torch.float32)
     return F.smooth_l1_loss(expected, grades.float())
+
+
+def teacher_loss(emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine of each unit descriptor with a frozen teacher's for the same view, averaged.
+
+    Fine-tuning under a changed constraint (the field-of-view mask moves what the attention
+    pools) drifts the descriptor away from what made the teacher retrieve well; this pulls it
+    back toward the teacher's space while the other terms learn the new data.
+    """
+    return (1.0 - (emb * target).sum(1)).mean()
 
 
 LOSSES = ("fine", "circle", "batch-hard")

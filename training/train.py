@@ -28,11 +28,11 @@ from fundus_sdk import metrics
 from fundus_sdk.labels import Scale
 
 from .cache import CachedTrunk
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, seed_everything, source_names, split_records, validation_gallery
 from .data import BalancedBatches, Record
 from .device import autocast, resolve_device
-from .losses import metric_loss, ordinal_loss
+from .losses import metric_loss, ordinal_loss, teacher_loss
 from .model import FundusNet, ModelConfig
 from .photos import InMemoryPhotos
 
@@ -68,6 +68,26 @@ def data_summary(name: str, records: list[Record], scale: Scale) -> dict:
     }
 
 
+def teacher_network(cfg: TrainConfig, model_cfg: ModelConfig) -> FundusNet | None:
+    """The frozen network of `cfg.teacher` (None without one), checked to read the same input
+    and write descriptors of the same size as the model trained."""
+    if not cfg.teacher:
+        return None
+    ckpt = load_checkpoint(cfg.teacher)
+    if model_cfg.frozen_blocks:
+        raise CheckpointError(f"{cfg.teacher}: a teacher reads the photos, so the model needs --frozen-blocks 0")
+    fields = ("input_size", "mean", "std", "dim")
+    mine = [getattr(model_cfg, f) for f in fields] + [cfg.preprocess.recipe]
+    theirs = [getattr(ckpt.config, f) for f in fields] + [ckpt.preprocess.recipe]
+    if mine != theirs:
+        raise CheckpointError(f"{cfg.teacher}: cannot teach this model: its input size, normalisation, descriptor size and "
+                              f"recipe {theirs} differ from the model's {mine}")  # fmt: skip
+    net = ckpt.network()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Path:
     """Train, write `best.pt` and `last.pt` into cfg.out, and return the path of `best.pt`.
 
@@ -96,6 +116,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     if cfg.init:
         log(f"initialised from {load_checkpoint(cfg.init).load_weights_into(net)}")
     net.freeze_trunk()
+    teacher = teacher_network(cfg, model_cfg)
+    if teacher is not None:
+        log(f"kept near the descriptors of {cfg.teacher} (weight {cfg.teacher_weight})")
     everyone = fit_recs + val_recs + test_recs
     splits = np.repeat([0, 1, 2], [len(fit_recs), len(val_recs), len(test_recs)])
     source_cls = CachedTrunk if model_cfg.frozen_blocks else InMemoryPhotos
@@ -103,6 +126,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     net = net.to(device)
     if not model_cfg.frozen_blocks:
         net = net.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=torch.channels_last)
     grades = np.array([r.grade for r in everyone])
     fit_idx = np.flatnonzero(source.ok & (splits == 0))
     val_idx = np.flatnonzero(source.ok & (splits == 1))
@@ -169,6 +194,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
                     loss = loss + cfg.aux_weight * F.cross_entropy(logits, y)
                     if cfg.ordinal_weight:
                         loss = loss + cfg.ordinal_weight * ordinal_loss(logits, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x).float()
+                    loss = loss + cfg.teacher_weight * teacher_loss(emb, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
