@@ -21,7 +21,7 @@ from tests.shared import FIXTURES, eyepacs_sample, require_idrid
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, split_records
 from training.data import BalancedBatches, LabelError, read_labels
-from training.evaluate import embed_members, evaluate, sweep_weights
+from training.evaluate import best_weights, embed_members, evaluate, sweep_weights
 from training.losses import batch_hard_triplet_loss, fine_triplet_loss, metric_loss, ordinal_loss, relevant_degree
 from training.model import FundusNet, MirrorAttention, ModelConfig
 from training.probe import auc, linear_probe
@@ -398,9 +398,10 @@ def test_an_ensembles_weights_are_swept_on_validation_with_its_members_alone_at_
     assert not np.allclose(pair.vectors[0], pair.vectors[1], atol=1e-3)
     sweep = dict(sweep_weights(pair))
     assert len(sweep) == 11
+    [first_alone] = sweep[(1.0, 0.0)].values()  # one source: one report
     recorded = load_checkpoint(best).state["validation"]  # what training measured at the chosen epoch
-    assert sweep[(1.0, 0.0)]["micro"]["mHR"] == pytest.approx(recorded["micro"]["mHR"])
-    assert sweep[(1.0, 0.0)]["macro"]["mHR"] == pytest.approx(recorded["macro"]["mHR"])
+    assert first_alone["micro"]["mHR"] == pytest.approx(recorded["micro"]["mHR"])
+    assert first_alone["macro"]["mHR"] == pytest.approx(recorded["macro"]["mHR"])
     alone = evaluate(embed_members(cfg, [str(other)]))["patient"]
     assert evaluate(pair, [0.0, 1.0])["patient"]["micro"] == pytest.approx(alone["micro"])
     twice = evaluate(embed_members(cfg, [str(other), str(other)]), [0.3, 0.7])["patient"]  # the same cosines
@@ -543,6 +544,21 @@ def second_source(tmp_path_factory) -> Path:
     chosen = [r for r in rows if r["split"] == "train"][:12] + [r for r in rows if r["split"] == "test"][:4]
     out = [{"image": str(idrid / "images" / r["image"]), "grade": r["grade"], "split": r["split"]} for r in chosen]
     return write_csv(tmp_path_factory.mktemp("idrid") / "labels.csv", out, ["image", "grade", "split"])
+
+
+def test_a_sweep_over_two_sources_reports_each_on_its_own_and_chooses_on_their_mean(whole_run, tiny_data, second_source, tmp_path):
+    _, best = whole_run
+    other = perturbed_copy(best, tmp_path / "other.pt")
+    pair = embed_members(TrainConfig(data=[str(tiny_data), str(second_source)]), [str(best), str(other)])
+    sweep = sweep_weights(pair)
+    validation = pair.split == 1
+    names = list(dict.fromkeys(pair.sources[validation]))
+    assert len(names) == 2
+    for _, reports in sweep:  # each source's queries apart, as training validates an epoch
+        assert list(reports) == names
+        assert [r["n_queries"] for r in reports.values()] == [int((validation & (pair.sources == n)).sum()) for n in names]
+    means = {w: np.mean([r["micro"]["mHR"] + r["macro"]["mHR"] for r in reports.values()]) for w, reports in sweep}
+    assert means[best_weights(sweep)] == max(means.values())
 
 
 def test_two_sources_train_together_each_split_and_validated_on_its_own(tiny_data, second_source, tmp_path):

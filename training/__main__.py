@@ -220,13 +220,15 @@ def evaluate_command(cfg: TrainConfig, args: argparse.Namespace) -> None:
     embedded = embed_members(cfg, args.checkpoint)
     if args.sweep:
         sweep = sweep_weights(embedded)
-        grades = list(sweep[0][1]["per_grade"]["mHR"])
-        rows = [[f"{a:.1f} : {b:.1f}", f"{r['micro']['mHR']:.3f}", f"{r['macro']['mHR']:.3f}",
-                 *(f"{r['per_grade']['mHR'][g]:.2f}" for g in grades)] for (a, b), r in sweep]  # fmt: skip
-        print(f"validation (k = {embedded.k}; mHR@k), weights {args.checkpoint[0]} : {args.checkpoint[1]}")
-        print(format_table(["weights", "micro", "macro", *(f"grade {g}" for g in grades)], rows))
+        for source in sweep[0][1]:
+            grades = list(sweep[0][1][source]["per_grade"]["mHR"])
+            rows = [[f"{a:.1f} : {b:.1f}", f"{r['micro']['mHR']:.3f}", f"{r['macro']['mHR']:.3f}",
+                     *(f"{r['per_grade']['mHR'][g]:.2f}" for g in grades)] for (a, b), r in ((w, rs[source]) for w, rs in sweep)]  # fmt: skip
+            print(f"validation, {source} (k = {embedded.k}; mHR@k), weights {args.checkpoint[0]} : {args.checkpoint[1]}")
+            print(format_table(["weights", "micro", "macro", *(f"grade {g}" for g in grades)], rows) + "\n")
         a, b = best_weights(sweep)
-        print(f"highest micro + macro: --weights {a} {b}")
+        mean = " (the mean over the sources)" if len(sweep[0][1]) > 1 else ""
+        print(f"highest micro + macro{mean}: --weights {a} {b}")
         return
     for protocol, report in evaluate(embedded, args.weights).items():
         print(f"{protocol} split (gallery = the rest, k = {cfg.k}):\n{format_report(report)}\n")

@@ -8,7 +8,8 @@
 
 Several checkpoints are evaluated as one ensemble, the way `python -m export.ensemble` combines
 their exported files (`ensemble_vectors`). Choose its weights on the validation split first
-(`sweep_weights`, `--sweep`), then read the test split once for the weights chosen:
+(`sweep_weights`, `--sweep`: each source's validation part apart, the weights chosen on their mean
+as training chooses an epoch), then read the test split once for the weights chosen:
 
     python -m training evaluate --data ../shared/data/eyepacs256 --checkpoint runs/default/best.pt
     python -m training evaluate --data ../shared/data/eyepacs256 --checkpoint a/best.pt b/best.pt --sweep
@@ -29,7 +30,7 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import TrainConfig, split_records, validation_gallery
 from .device import resolve_device
 from .photos import InMemoryPhotos
-from .train import selection_score
+from .train import sources_score
 
 PROTOCOLS = ("patient", "image")
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))  # the first member's weights tried by sweep_weights
@@ -52,6 +53,7 @@ class Embedded:
     vectors: list[np.ndarray]  # one (n, dim_i) array per member
     grades: np.ndarray
     split: np.ndarray  # 0 fit, 1 validation, 2 test
+    sources: np.ndarray  # each photo's source name (config.source_names)
     k: int
     span: int
 
@@ -80,7 +82,8 @@ def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
     ok = np.flatnonzero(photos.ok)
     vectors = [photos.embed(net.to(device), ok, device) for net in nets]
     split = np.repeat([0, 1, 2], [len(fit), len(val), len(test)])[ok]
-    return Embedded(vectors, np.array([everyone[i].grade for i in ok]), split, cfg.k, cfg.scale.span)
+    grades, sources = (np.array([getattr(everyone[i], f) for i in ok]) for f in ("grade", "source"))
+    return Embedded(vectors, grades, split, sources, cfg.k, cfg.scale.span)
 
 
 def _split_of(ckpt: Checkpoint) -> tuple[int, float]:
@@ -103,21 +106,28 @@ def evaluate(embedded: Embedded, weights: Sequence[float] | None = None, image_s
     }
 
 
-def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> list[tuple[tuple[float, float], dict]]:
-    """Validation reports of a two-member ensemble for each weight of the first member, as training
-    validates an epoch (validation queries against the fixed gallery slice): the test split is not read."""
+Sweep = list[tuple[tuple[float, float], dict[str, dict]]]  # per weighting: a validation report per source
+
+
+def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> Sweep:
+    """Validation reports of a two-member ensemble for each weight of the first member, one per
+    source, as training validates an epoch (each source's validation queries against the fixed
+    gallery slice): the test split is not read."""
     e = embedded
     if len(e.vectors) != 2:
         raise ValueError(f"a weight sweep takes two checkpoints, not {len(e.vectors)}")
-    val, gallery = np.flatnonzero(e.split == 1), validation_gallery(np.flatnonzero(e.split == 0))
+    gallery = validation_gallery(np.flatnonzero(e.split == 0))
+    groups = {name: np.flatnonzero((e.split == 1) & (e.sources == name)) for name in dict.fromkeys(e.sources[e.split == 1])}
     out = []
     for a in first:
         v = ensemble_vectors(e.vectors, [a, 1 - a])
-        report = metrics.retrieval_report(v[val], v[gallery], e.grades[val], e.grades[gallery], e.k, e.span)
-        out.append(((a, round(1 - a, 6)), report))
+        reports = {name: metrics.retrieval_report(v[q], v[gallery], e.grades[q], e.grades[gallery], e.k, e.span)
+                   for name, q in groups.items()}  # fmt: skip
+        out.append(((a, round(1 - a, 6)), reports))
     return out
 
 
-def best_weights(sweep: list[tuple[tuple[float, float], dict]]) -> tuple[float, float]:
-    """The swept weights with the highest selection score (micro + macro), the members alone included."""
-    return max(sweep, key=lambda row: selection_score(row[1]))[0]
+def best_weights(sweep: Sweep) -> tuple[float, float]:
+    """The swept weights with the highest selection score (micro + macro, with several sources its
+    mean over them, as training chooses an epoch), the members alone included."""
+    return max(sweep, key=lambda row: sources_score(row[1]))[0]

@@ -44,6 +44,11 @@ def selection_score(report: dict) -> float:
     return report["micro"]["mHR"] + report["macro"]["mHR"]
 
 
+def sources_score(reports: dict[str, dict]) -> float:
+    """The selection score of several sources' validation reports: the mean of each one's."""
+    return float(np.mean([selection_score(r) for r in reports.values()]))
+
+
 def by_source(records: list[Record], idx: np.ndarray) -> dict[str, np.ndarray]:
     """The positions `idx` into `records` grouped by source name, in the sources' order."""
     groups: dict[str, list[int]] = {}
@@ -216,7 +221,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
                 for name, idx in val_groups.items()
             }
             report = reports[names[0]] if len(reports) == 1 else reports
-            score = float(np.mean([selection_score(r) for r in reports.values()]))
+            score = sources_score(reports)
             history[-1] |= {f"val_{name}": {"mHR": r["micro"]["mHR"], "macro_mHR": r["macro"]["mHR"]} for name, r in reports.items()}
             for name, r in reports.items():
                 log(f"epoch {epoch + 1}: loss {np.mean(losses):.4f}  val {name} {describe(r)}  ({time.time() - started:.0f}s)")
