@@ -351,7 +351,7 @@ def test_a_teacher_keeps_a_fine_tuned_descriptor_near_its_own(whole_run, tiny_da
     with torch.no_grad():
         target = teacher(teacher.normalise(x))
         near = {w: float((net(net.normalise(x)) * target).sum(1).mean()) for w, net in tuned.items()}
-    assert near[50.0] > near[0.0] + 0.01
+    assert near[50.0] > near[0.0] + 0.1  # measured: 0.94 against 0.60
 
 
 @pytest.mark.parametrize("model, message", [
