@@ -221,9 +221,10 @@ def evaluate_command(cfg: TrainConfig, args: argparse.Namespace) -> None:
     if args.sweep:
         sweep = sweep_weights(embedded)
         for source in sweep[0][1]:
-            grades = list(sweep[0][1][source]["per_grade"]["mHR"])
+            column = [(weights, reports[source]) for weights, reports in sweep]
+            grades = list(column[0][1]["per_grade"]["mHR"])
             rows = [[f"{a:.1f} : {b:.1f}", f"{r['micro']['mHR']:.3f}", f"{r['macro']['mHR']:.3f}",
-                     *(f"{r['per_grade']['mHR'][g]:.2f}" for g in grades)] for (a, b), r in ((w, rs[source]) for w, rs in sweep)]  # fmt: skip
+                     *(f"{r['per_grade']['mHR'][g]:.2f}" for g in grades)] for (a, b), r in column]  # fmt: skip
             print(f"validation, {source} (k = {embedded.k}; mHR@k), weights {args.checkpoint[0]} : {args.checkpoint[1]}")
             print(format_table(["weights", "micro", "macro", *(f"grade {g}" for g in grades)], rows) + "\n")
         a, b = best_weights(sweep)

@@ -30,7 +30,7 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import TrainConfig, split_records, validation_gallery
 from .device import resolve_device
 from .photos import InMemoryPhotos
-from .train import sources_score
+from .train import by_source, sources_score
 
 PROTOCOLS = ("patient", "image")
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))  # the first member's weights tried by sweep_weights
@@ -117,7 +117,7 @@ def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> Sweep:
     if len(e.vectors) != 2:
         raise ValueError(f"a weight sweep takes two checkpoints, not {len(e.vectors)}")
     gallery = validation_gallery(np.flatnonzero(e.split == 0))
-    groups = {name: np.flatnonzero((e.split == 1) & (e.sources == name)) for name in dict.fromkeys(e.sources[e.split == 1])}
+    groups = by_source(e.sources, np.flatnonzero(e.split == 1))
     out = []
     for a in first:
         v = ensemble_vectors(e.vectors, [a, 1 - a])

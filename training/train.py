@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -49,11 +50,11 @@ def sources_score(reports: dict[str, dict]) -> float:
     return float(np.mean([selection_score(r) for r in reports.values()]))
 
 
-def by_source(records: list[Record], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """The positions `idx` into `records` grouped by source name, in the sources' order."""
+def by_source(sources: Sequence[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The positions `idx` grouped by their photos' source names (`sources[i]`), in the sources' order."""
     groups: dict[str, list[int]] = {}
     for i in idx:
-        groups.setdefault(records[i].source, []).append(int(i))
+        groups.setdefault(str(sources[i]), []).append(int(i))
     return {name: np.array(members) for name, members in groups.items()}
 
 
@@ -125,6 +126,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     if teacher is not None:
         log(f"kept near the descriptors of {cfg.teacher} (weight {cfg.teacher_weight})")
     everyone = fit_recs + val_recs + test_recs
+    sources = [r.source for r in everyone]
     splits = np.repeat([0, 1, 2], [len(fit_recs), len(val_recs), len(test_recs)])
     source_cls = CachedTrunk if model_cfg.frozen_blocks else InMemoryPhotos
     source = source_cls(net, cfg, everyone, np.flatnonzero(splits == 0), log)
@@ -168,7 +170,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     }
     names = source_names(cfg.sources)
     weights = np.array([cfg.source_weight(names.index(everyone[i].source)) for i in fit_idx])
-    val_groups = by_source(everyone, val_idx)
+    val_groups = by_source(sources, val_idx)
 
     def checkpoint(epoch: int, report: dict) -> dict:
         return {
@@ -241,7 +243,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
     gallery_vectors = source.embed(net, gallery_idx, device)
     tests = {
         name: metrics.retrieval_report(source.embed(net, idx, device), gallery_vectors, grades[idx], grades[gallery_idx], cfg.k, span)
-        for name, idx in by_source(everyone, test_idx).items()
+        for name, idx in by_source(sources, test_idx).items()
     }
     test_report = tests[names[0]] if len(tests) == 1 else tests
     best_state["test"] = test_report
