@@ -394,7 +394,8 @@ def test_an_ensembles_weights_are_swept_on_validation_with_its_members_alone_at_
     _, best = whole_run
     other = perturbed_copy(best, tmp_path / "other.pt")
     cfg = TrainConfig(data=str(tiny_data))
-    pair = embed_members(cfg, [str(best), str(other)])
+    pair = embed_members(cfg, [str(best), str(other)], validation=True)
+    assert set(pair.split) == {0, 1}  # the test split is not even embedded
     assert not np.allclose(pair.vectors[0], pair.vectors[1], atol=1e-3)
     sweep = dict(sweep_weights(pair))
     assert len(sweep) == 11
@@ -402,8 +403,13 @@ def test_an_ensembles_weights_are_swept_on_validation_with_its_members_alone_at_
     recorded = load_checkpoint(best).state["validation"]  # what training measured at the chosen epoch
     assert first_alone["micro"]["mHR"] == pytest.approx(recorded["micro"]["mHR"])
     assert first_alone["macro"]["mHR"] == pytest.approx(recorded["macro"]["mHR"])
+    whole = embed_members(cfg, [str(best), str(other)])
     alone = evaluate(embed_members(cfg, [str(other)]))["patient"]
-    assert evaluate(pair, [0.0, 1.0])["patient"]["micro"] == pytest.approx(alone["micro"])
+    assert evaluate(whole, [0.0, 1.0])["patient"]["micro"] == pytest.approx(alone["micro"])
+    with pytest.raises(ValueError, match="validation photos"):  # each protocol refuses the other's embedding
+        sweep_weights(whole)
+    with pytest.raises(ValueError, match="validation photos only"):
+        evaluate(pair)
     twice = evaluate(embed_members(cfg, [str(other), str(other)]), [0.3, 0.7])["patient"]  # the same cosines
     assert twice["micro"] == pytest.approx(alone["micro"]) and twice["macro"] == pytest.approx(alone["macro"])
 
@@ -549,7 +555,7 @@ def second_source(tmp_path_factory) -> Path:
 def test_a_sweep_over_two_sources_reports_each_on_its_own_and_chooses_on_their_mean(whole_run, tiny_data, second_source, tmp_path):
     _, best = whole_run
     other = perturbed_copy(best, tmp_path / "other.pt")
-    pair = embed_members(TrainConfig(data=[str(tiny_data), str(second_source)]), [str(best), str(other)])
+    pair = embed_members(TrainConfig(data=[str(tiny_data), str(second_source)]), [str(best), str(other)], validation=True)
     sweep = sweep_weights(pair)
     validation = pair.split == 1
     names = list(dict.fromkeys(pair.sources[validation]))

@@ -217,7 +217,7 @@ def evaluate_command(cfg: TrainConfig, args: argparse.Namespace) -> None:
 
     from .evaluate import best_weights, embed_members, evaluate, sweep_weights
 
-    embedded = embed_members(cfg, args.checkpoint)
+    embedded = embed_members(cfg, args.checkpoint, validation=args.sweep)
     if args.sweep:
         sweep = sweep_weights(embedded)
         for source in sweep[0][1]:

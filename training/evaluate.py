@@ -56,10 +56,13 @@ class Embedded:
     sources: np.ndarray  # each photo's source name (config.source_names)
     k: int
     span: int
+    validation: bool = False  # only the validation gallery (split 0) and queries (split 1) were embedded
 
 
-def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
-    """Embed the data with each checkpoint; CheckpointError unless they share the split and preprocessing."""
+def embed_members(cfg: TrainConfig, checkpoints: Sequence[str], validation: bool = False) -> Embedded:
+    """Embed the data with each checkpoint; CheckpointError unless they share the split and preprocessing.
+    With `validation`, only what a sweep ranks (the validation gallery and queries, as training
+    validates an epoch): the test split is never embedded, and a sweep costs half the time."""
     torch.set_num_threads(cfg.threads)
     ckpts = [load_checkpoint(c) for c in checkpoints]
     first = ckpts[0]
@@ -79,11 +82,13 @@ def embed_members(cfg: TrainConfig, checkpoints: Sequence[str]) -> Embedded:
     device = resolve_device(cfg.device)
     nets = [c.network() for c in ckpts]
     photos = InMemoryPhotos(nets[0], cfg, everyone, np.arange(0), print)  # decoded once: the members share it
-    ok = np.flatnonzero(photos.ok)
-    vectors = [photos.embed(net.to(device), ok, device) for net in nets]
-    split = np.repeat([0, 1, 2], [len(fit), len(val), len(test)])[ok]
-    grades, sources = (np.array([getattr(everyone[i], f) for i in ok]) for f in ("grade", "source"))
-    return Embedded(vectors, grades, split, sources, cfg.k, cfg.scale.span)
+    split_of = np.repeat([0, 1, 2], [len(fit), len(val), len(test)])
+    rows = np.flatnonzero(photos.ok)
+    if validation:
+        rows = np.concatenate([validation_gallery(rows[split_of[rows] == 0]), rows[split_of[rows] == 1]])
+    vectors = [photos.embed(net.to(device), rows, device) for net in nets]
+    grades, sources = (np.array([getattr(everyone[i], f) for i in rows]) for f in ("grade", "source"))
+    return Embedded(vectors, grades, split_of[rows], sources, cfg.k, cfg.scale.span, validation)
 
 
 def _split_of(ckpt: Checkpoint) -> tuple[int, float]:
@@ -95,6 +100,8 @@ def _split_of(ckpt: Checkpoint) -> tuple[int, float]:
 def evaluate(embedded: Embedded, weights: Sequence[float] | None = None, image_split_seed: int = 0) -> dict[str, dict]:
     """{"patient": report, "image": report} (fundus_sdk.metrics reports) of the members as one model."""
     e = embedded
+    if e.validation:
+        raise ValueError("this embedding holds the validation photos only: embed_members(..., validation=False)")
     vectors = ensemble_vectors(e.vectors, weights or [1.0] * len(e.vectors))
     is_test = e.split == 2
     held_out = np.random.default_rng(image_split_seed).permutation(len(vectors))[: round(0.2 * len(vectors))]
@@ -112,11 +119,13 @@ Sweep = list[tuple[tuple[float, float], dict[str, dict]]]  # per weighting: a va
 def sweep_weights(embedded: Embedded, first: Sequence[float] = SWEEP) -> Sweep:
     """Validation reports of a two-member ensemble for each weight of the first member, one per
     source, as training validates an epoch (each source's validation queries against the fixed
-    gallery slice): the test split is not read."""
+    gallery slice): `embedded` holds those photos only (embed_members(..., validation=True))."""
     e = embedded
     if len(e.vectors) != 2:
         raise ValueError(f"a weight sweep takes two checkpoints, not {len(e.vectors)}")
-    gallery = validation_gallery(np.flatnonzero(e.split == 0))
+    if not e.validation:
+        raise ValueError("a weight sweep ranks the validation photos: embed_members(..., validation=True)")
+    gallery = np.flatnonzero(e.split == 0)
     groups = by_source(e.sources, np.flatnonzero(e.split == 1))
     out = []
     for a in first:
