@@ -375,9 +375,10 @@ def test_evaluate_reports_the_patient_split_and_the_papers_image_split(whole_run
     reports = evaluate(embed_members(TrainConfig(data=str(tiny_data)), [str(best)]))
     with open(tiny_data, newline="") as f:
         rows = [r for r in csv.DictReader(f) if "broken" not in r["image"]]
-    assert reports["patient"]["n_queries"] == sum(r["split"] == "test" for r in rows)
+    [patient] = reports["patient"].values()  # one source
+    assert patient["n_queries"] == sum(r["split"] == "test" for r in rows)
     assert reports["image"]["n_queries"] == round(0.2 * len(rows))  # a fifth of the readable photos
-    assert reports["patient"]["micro"]["mHR"] == pytest.approx(load_checkpoint(best).state["test"]["micro"]["mHR"])
+    assert patient["micro"]["mHR"] == pytest.approx(load_checkpoint(best).state["test"]["micro"]["mHR"])
 
 
 def perturbed_copy(checkpoint: Path, out: Path) -> Path:
@@ -404,13 +405,14 @@ def test_an_ensembles_weights_are_swept_on_validation_with_its_members_alone_at_
     assert first_alone["micro"]["mHR"] == pytest.approx(recorded["micro"]["mHR"])
     assert first_alone["macro"]["mHR"] == pytest.approx(recorded["macro"]["mHR"])
     whole = embed_members(cfg, [str(best), str(other)])
-    alone = evaluate(embed_members(cfg, [str(other)]))["patient"]
-    assert evaluate(whole, [0.0, 1.0])["patient"]["micro"] == pytest.approx(alone["micro"])
+    [alone] = evaluate(embed_members(cfg, [str(other)]))["patient"].values()
+    [second_alone] = evaluate(whole, [0.0, 1.0])["patient"].values()
+    assert second_alone["micro"] == pytest.approx(alone["micro"])
     with pytest.raises(ValueError, match="validation photos"):  # each protocol refuses the other's embedding
         sweep_weights(whole)
     with pytest.raises(ValueError, match="validation photos only"):
         evaluate(pair)
-    twice = evaluate(embed_members(cfg, [str(other), str(other)]), [0.3, 0.7])["patient"]  # the same cosines
+    [twice] = evaluate(embed_members(cfg, [str(other), str(other)]), [0.3, 0.7])["patient"].values()  # the same cosines
     assert twice["micro"] == pytest.approx(alone["micro"]) and twice["macro"] == pytest.approx(alone["macro"])
 
 
@@ -579,6 +581,8 @@ def test_two_sources_train_together_each_split_and_validated_on_its_own(tiny_dat
     best = train(cfg, ModelConfig(dim=32, input_size=96, frozen_blocks=0, attention_mask="fov"))
     ckpt = load_checkpoint(best)
     assert set(ckpt.state["test"]) == names  # test figures per source
+    tests = evaluate(embed_members(cfg, [str(best)]))["patient"]  # the same photos, re-measured
+    assert {n: r["micro"]["mHR"] for n, r in tests.items()} == pytest.approx({n: r["micro"]["mHR"] for n, r in ckpt.state["test"].items()})
     log = (tmp_path / "two" / "log.txt").read_text()
     assert all(f"val {n} mHR@k" in log for n in names)
     assert ckpt.config.attention_mask == "fov" and ckpt.state["train_config"]["source_weights"] == [1.0, 3.0]

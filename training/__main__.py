@@ -231,8 +231,11 @@ def evaluate_command(cfg: TrainConfig, args: argparse.Namespace) -> None:
         mean = " (the mean over the sources)" if len(sweep[0][1]) > 1 else ""
         print(f"highest micro + macro{mean}: --weights {a} {b}")
         return
-    for protocol, report in evaluate(embedded, args.weights).items():
-        print(f"{protocol} split (gallery = the rest, k = {cfg.k}):\n{format_report(report)}\n")
+    reports = evaluate(embedded, args.weights)
+    for source, report in reports["patient"].items():
+        print(f"patient split, {source}'s test photos (gallery = every source's train split, k = {cfg.k}):\n"
+              f"{format_report(report)}\n")  # fmt: skip
+    print(f"image split (a random fifth of the photos against the rest, k = {cfg.k}):\n{format_report(reports['image'])}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,19 +97,25 @@ def _split_of(ckpt: Checkpoint) -> tuple[int, float]:
     return run.get("data_seed", TrainConfig.data_seed), run.get("val_fraction", TrainConfig.val_fraction)
 
 
-def evaluate(embedded: Embedded, weights: Sequence[float] | None = None, image_split_seed: int = 0) -> dict[str, dict]:
-    """{"patient": report, "image": report} (fundus_sdk.metrics reports) of the members as one model."""
+def evaluate(embedded: Embedded, weights: Sequence[float] | None = None, image_split_seed: int = 0) -> dict:
+    """The members as one model under both protocols (fundus_sdk.metrics reports):
+    {"patient": {source: report}, "image": report}. The patient protocol reports each source's test
+    photos apart, against every source's train split, as training reports its test split."""
     e = embedded
     if e.validation:
         raise ValueError("this embedding holds the validation photos only: embed_members(..., validation=False)")
     vectors = ensemble_vectors(e.vectors, weights or [1.0] * len(e.vectors))
-    is_test = e.split == 2
+
+    def report(queries: np.ndarray, gallery: np.ndarray) -> dict:
+        return metrics.retrieval_report(vectors[queries], vectors[gallery], e.grades[queries], e.grades[gallery], e.k, e.span)
+
+    trained = np.flatnonzero(e.split < 2)
     held_out = np.random.default_rng(image_split_seed).permutation(len(vectors))[: round(0.2 * len(vectors))]
     is_query = np.zeros(len(vectors), dtype=bool)
     is_query[held_out] = True
     return {
-        name: metrics.retrieval_report(vectors[q], vectors[~q], e.grades[q], e.grades[~q], e.k, e.span)
-        for name, q in (("patient", is_test), ("image", is_query))
+        "patient": {name: report(q, trained) for name, q in by_source(e.sources, np.flatnonzero(e.split == 2)).items()},
+        "image": report(np.flatnonzero(is_query), np.flatnonzero(~is_query)),
     }
 
 
