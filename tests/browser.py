@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -85,7 +87,7 @@ def page(width: int = 1400) -> Iterator[DevTools]:
             [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={profile}",
              f"--window-size={width},900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # a group: stop_group
         )  # fmt: skip
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -104,8 +106,22 @@ def page(width: int = 1400) -> Iterator[DevTools]:
             finally:
                 tools.ws.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process and every helper in its process group: Chromium's renderers and crash handler
+    outlive their parent for a moment and keep writing to the profile that is about to be removed."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            os.killpg(proc.pid, 0)  # ProcessLookupError once the last one is gone
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def evaluate(tools: DevTools, expression: str):
