@@ -62,7 +62,7 @@ class Embedded:
 def embed_members(cfg: TrainConfig, checkpoints: Sequence[str], validation: bool = False) -> Embedded:
     """Embed the data with each checkpoint; CheckpointError unless they share the split and preprocessing.
     With `validation`, only what a sweep ranks (the validation gallery and queries, as training
-    validates an epoch): the test split is never embedded, and a sweep costs half the time."""
+    validates an epoch): the test split is never embedded, and a sweep takes less than half the time."""
     torch.set_num_threads(cfg.threads)
     ckpts = [load_checkpoint(c) for c in checkpoints]
     first = ckpts[0]
