@@ -32,7 +32,6 @@ from .device import resolve_device
 from .photos import InMemoryPhotos
 from .train import by_source, sources_score
 
-PROTOCOLS = ("patient", "image")
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))  # the first member's weights tried by sweep_weights
 
 
