@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False) -> Pat
         "source": str(cfg.data) if isinstance(cfg.data, str) else [str(d) for d in cfg.data],
     }
     names = source_names(cfg.sources)
-    weights = np.array([cfg.source_weight(names.index(everyone[i].source)) for i in fit_idx])
+    weights = np.array([cfg.source_weight(names.index(sources[i])) for i in fit_idx])
     val_groups = by_source(sources, val_idx)
 
     def checkpoint(epoch: int, report: dict) -> dict:
